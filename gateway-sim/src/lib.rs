@@ -1,0 +1,1 @@
+//! gateway-sim: faulty RDP targets, a simulated directory and a gateway driver.

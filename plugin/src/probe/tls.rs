@@ -1,0 +1,369 @@
+//! TLS handshake on the socket the X.224 exchange used, with rustls.
+//!
+//! The verifier accepts any chain (it keeps it for [`super::cert`] to judge) but still verifies
+//! the handshake signature with the provider's algorithms, so the key the server proves is the
+//! key in the certificate that gets analysed. The raw bytes the server sends are recorded so that
+//! a failed handshake can be classified: closed with no alert, X.224 Disconnect Request, alert,
+//! a legacy-version ServerHello, not TLS at all, or a flight that stalls (MTU black hole).
+
+use std::{
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
+};
+
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    AlertDescription, DigitallySignedStruct, SignatureScheme,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::x224;
+use crate::{cause::Cause, report::Finding};
+
+/// How many leading server bytes are kept for classification.
+const KEEP: usize = 64;
+
+/// What a [`Recorder`] has seen, shared so it can be read after a failed or stalled handshake.
+#[derive(Debug, Default)]
+pub struct Seen {
+    first: Mutex<Vec<u8>>,
+    total: AtomicU64,
+}
+
+impl Seen {
+    /// Bytes read so far.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// The first bytes read (at most 64).
+    pub fn first(&self) -> Vec<u8> {
+        self.first.lock().map(|f| f.clone()).unwrap_or_default()
+    }
+}
+
+/// A stream that remembers the first bytes it read and counts the rest.
+#[derive(Debug)]
+pub struct Recorder<S> {
+    inner: S,
+    seen: Arc<Seen>,
+}
+
+impl<S> Recorder<S> {
+    /// Wraps a stream.
+    pub fn new(inner: S) -> Self {
+        Recorder { inner, seen: Arc::default() }
+    }
+
+    /// What has been read, shared.
+    pub fn seen(&self) -> Arc<Seen> {
+        self.seen.clone()
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Recorder<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            let new = &buf.filled()[before..];
+            let seen = &self.seen;
+            if seen.total.load(Ordering::Relaxed) < KEEP as u64 {
+                if let Ok(mut first) = seen.first.lock() {
+                    let take = KEEP.saturating_sub(first.len()).min(new.len());
+                    first.extend_from_slice(&new[..take]);
+                }
+            }
+            seen.total.fetch_add(new.len() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Recorder<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Keeps the server's chain; verifies only the handshake signature.
+#[derive(Debug)]
+pub struct CaptureVerifier {
+    provider: Arc<CryptoProvider>,
+    chain: Mutex<Vec<CertificateDer<'static>>>,
+}
+
+impl CaptureVerifier {
+    /// A verifier using `provider`'s signature algorithms.
+    pub fn new(provider: Arc<CryptoProvider>) -> Self {
+        CaptureVerifier { provider, chain: Mutex::new(Vec::new()) }
+    }
+
+    /// The chain the server sent (end entity first); empty before the Certificate message.
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        self.chain.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+impl ServerCertVerifier for CaptureVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Ok(mut c) = self.chain.lock() {
+            c.clear();
+            c.push(end_entity.clone().into_owned());
+            c.extend(intermediates.iter().map(|i| i.clone().into_owned()));
+        }
+        // Judged by the cert stage, which records the path verifier's verdict.
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client config for one connection, with its own capturing verifier.
+pub fn client_config(provider: &Arc<CryptoProvider>) -> Result<(Arc<rustls::ClientConfig>, Arc<CaptureVerifier>), rustls::Error> {
+    let verifier = Arc::new(CaptureVerifier::new(provider.clone()));
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    Ok((Arc::new(config), verifier))
+}
+
+/// Name of a TLS protocol version as reports show it.
+pub fn version_name(v: u16) -> String {
+    match v {
+        0x0300 => "SSLv3".into(),
+        0x0301 => "TLSv1.0".into(),
+        0x0302 => "TLSv1.1".into(),
+        0x0303 => "TLSv1.2".into(),
+        0x0304 => "TLSv1.3".into(),
+        other => format!("0x{other:04x}"),
+    }
+}
+
+/// What the server's first bytes were, as far as classification cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FirstRecord {
+    /// Nothing arrived.
+    Nothing,
+    /// A TPKT (X.224) PDU, e.g. a Disconnect Request.
+    Tpkt(Option<x224::ServerPdu>),
+    /// A TLS alert record: level, description.
+    Alert(u8, u8),
+    /// A ServerHello offering this `legacy_version` (the record's for SSLv3/TLS1.0/1.1).
+    ServerHello(u16),
+    /// Some other TLS record (content type 20..=23).
+    OtherTls(u8),
+    /// Not TLS.
+    NotTls,
+}
+
+/// Classifies the server's first bytes (pure; used on handshake failure).
+pub fn first_record(b: &[u8]) -> FirstRecord {
+    match b {
+        [] => FirstRecord::Nothing,
+        [0x03, 0x00, ..] => FirstRecord::Tpkt(match x224::decode_server_pdu(b) {
+            Ok(x224::Decoded::Complete(pdu, _)) => Some(pdu),
+            _ => None,
+        }),
+        // Alert: type 21, version, length 2, level, description.
+        [0x15, 0x03, _, _, _, level, desc, ..] => FirstRecord::Alert(*level, *desc),
+        // Handshake record whose first message is a ServerHello (type 2):
+        // type(1) version(2) length(2) | msg_type(1) length(3) | server_version(2)
+        [0x16, 0x03, _, _, _, 0x02, _, _, _, hi, lo, ..] => FirstRecord::ServerHello(u16::from_be_bytes([*hi, *lo])),
+        [t @ 0x14..=0x17, 0x03, ..] | [t @ 0x14..=0x17] => FirstRecord::OtherTls(*t),
+        _ => FirstRecord::NotTls,
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().take(16).map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
+}
+
+/// Classifies a failed handshake into a 4xx finding.
+pub fn classify_failure(err: &io::Error, first: &[u8], total: u64) -> Finding {
+    let rec = first_record(first);
+    let tls_err = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
+    let evidence = |f: Finding| f.with("bytes_received", total).with("first_bytes", hex(first));
+    if let FirstRecord::Tpkt(pdu) = &rec {
+        let what = match pdu {
+            Some(x224::ServerPdu::Disconnect { .. }) => "an X.224 Disconnect Request",
+            _ => "an X.224 PDU",
+        };
+        return evidence(Finding::new(
+            Cause::TlsClosedDuringHandshake,
+            format!("the server answered the TLS ClientHello with {what}: it cannot use its certificate's private key"),
+        ));
+    }
+    if let FirstRecord::ServerHello(v) = rec {
+        if v < 0x0303 {
+            return evidence(
+                Finding::new(Cause::TlsVersionMismatch, format!("the server only speaks {}", version_name(v)))
+                    .with("server_version", version_name(v)),
+            );
+        }
+    }
+    let alert = match (tls_err, &rec) {
+        (Some(rustls::Error::AlertReceived(d)), _) => Some(u8::from(*d)),
+        (_, FirstRecord::Alert(_, d)) => Some(*d),
+        _ => None,
+    };
+    if let Some(code) = alert {
+        let desc = AlertDescription::from(code);
+        let name = format!("{desc:?}");
+        let (cause, msg) = match desc {
+            AlertDescription::ProtocolVersion => (Cause::TlsVersionMismatch, "the server refused every TLS version offered (protocol_version alert)".to_owned()),
+            AlertDescription::HandshakeFailure | AlertDescription::InsufficientSecurity => {
+                (Cause::TlsNoSharedCipher, format!("the server shares no cipher suite or group with the plugin ({name} alert)"))
+            }
+            _ => (Cause::TlsAlert, format!("the server aborted the TLS handshake with a fatal {name} alert")),
+        };
+        return evidence(Finding::new(cause, msg).with("alert", code).with("alert_name", name));
+    }
+    if rec == FirstRecord::NotTls {
+        return evidence(Finding::new(Cause::TlsProtocolError, "the server answered the ClientHello with bytes that are not TLS"));
+    }
+    let closed = matches!(
+        err.kind(),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
+    );
+    if closed {
+        let msg = if total == 0 {
+            "the server closed the connection after the ClientHello with no TLS alert: it cannot use its certificate's private key"
+        } else {
+            "the server closed the connection in the middle of the TLS handshake with no alert"
+        };
+        return evidence(Finding::new(Cause::TlsClosedDuringHandshake, msg).with("io_error", err.kind()));
+    }
+    match tls_err {
+        Some(e @ (rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } | rustls::Error::InappropriateHandshakeMessage { .. })) => {
+            evidence(Finding::new(Cause::TlsProtocolError, "the server's TLS messages are malformed").with("tls_error", e))
+        }
+        Some(rustls::Error::PeerIncompatible(p)) => evidence(
+            Finding::new(Cause::TlsVersionMismatch, "the server's TLS parameters are incompatible with TLS 1.2/1.3").with("tls_error", format!("{p:?}")),
+        ),
+        Some(e) => evidence(Finding::new(Cause::TlsAlert, "the TLS handshake failed").with("tls_error", e)),
+        None => evidence(Finding::new(Cause::TlsClosedDuringHandshake, "the TLS handshake failed on the socket").with("io_error", err)),
+    }
+}
+
+/// The handshake ran out of its stage time: a stall. `x224_rtt_ms` is the round trip the
+/// small X.224 exchange took, for the MTU black-hole hint.
+pub fn classify_stall(first: &[u8], total: u64, x224_rtt_ms: u64, waited_ms: u64) -> Finding {
+    let base = Finding::new(Cause::TlsHandshakeTimeout, "")
+        .with("bytes_received", total)
+        .with("first_bytes", hex(first))
+        .with("waited_ms", waited_ms)
+        .with("x224_round_trip_ms", x224_rtt_ms);
+    if total > 0 {
+        Finding { message: format!("the server's TLS flight stopped after {total} bytes while the small X.224 exchange took {x224_rtt_ms} ms: path-MTU black hole suspected (VPN/MTU mismatch)"), ..base }
+            .with("mtu_black_hole_suspected", true)
+    } else {
+        Finding { message: "the server's TLS flight never arrived".to_owned(), ..base }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_eof() -> io::Error {
+        io::Error::new(io::ErrorKind::UnexpectedEof, "tls handshake eof")
+    }
+
+    #[test]
+    fn first_record_shapes() {
+        assert_eq!(first_record(&[]), FirstRecord::Nothing);
+        // X.224 DR in place of a ServerHello.
+        let dr = [0x03, 0x00, 0x00, 0x0b, 0x06, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00];
+        assert_eq!(first_record(&dr), FirstRecord::Tpkt(Some(x224::ServerPdu::Disconnect { reason: Some(0) })));
+        // Fatal handshake_failure alert.
+        assert_eq!(first_record(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]), FirstRecord::Alert(2, 40));
+        // TLS 1.0 ServerHello: record v1.0, handshake type 2, length, server_version 03 01.
+        let sh10 = [0x16, 0x03, 0x01, 0x00, 0x2a, 0x02, 0x00, 0x00, 0x26, 0x03, 0x01, 0xaa];
+        assert_eq!(first_record(&sh10), FirstRecord::ServerHello(0x0301));
+        assert_eq!(first_record(b"SSH-2.0-OpenSSH"), FirstRecord::NotTls);
+    }
+
+    #[test]
+    fn classification() {
+        let dr = [0x03, 0x00, 0x00, 0x0b, 0x06, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00];
+        assert_eq!(classify_failure(&err_eof(), &dr, 11).cause, Cause::TlsClosedDuringHandshake);
+        assert_eq!(classify_failure(&err_eof(), &[], 0).cause, Cause::TlsClosedDuringHandshake);
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert_eq!(classify_failure(&reset, &[], 0).cause, Cause::TlsClosedDuringHandshake);
+        let sh10 = [0x16, 0x03, 0x01, 0x00, 0x2a, 0x02, 0x00, 0x00, 0x26, 0x03, 0x01];
+        let f = classify_failure(&io::Error::new(io::ErrorKind::InvalidData, "x"), &sh10, 47);
+        assert_eq!(f.cause, Cause::TlsVersionMismatch);
+        assert!(f.evidence.contains(&("server_version".into(), "TLSv1.0".into())));
+        let alert = |d: u8| {
+            let rec = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, d];
+            let e = io::Error::new(io::ErrorKind::InvalidData, rustls::Error::AlertReceived(AlertDescription::from(d)));
+            classify_failure(&e, &rec, 7)
+        };
+        assert_eq!(alert(40).cause, Cause::TlsNoSharedCipher);
+        assert_eq!(alert(71).cause, Cause::TlsNoSharedCipher);
+        assert_eq!(alert(70).cause, Cause::TlsVersionMismatch);
+        let f = alert(80);
+        assert_eq!(f.cause, Cause::TlsAlert);
+        assert!(f.evidence.contains(&("alert".into(), "80".into())), "{:?}", f.evidence);
+        assert!(f.evidence.contains(&("alert_name".into(), "InternalError".into())));
+        let f = classify_failure(&io::Error::new(io::ErrorKind::InvalidData, "x"), b"HTTP/1.1 400", 12);
+        assert_eq!(f.cause, Cause::TlsProtocolError);
+    }
+
+    #[test]
+    fn stall_hint() {
+        let f = classify_stall(&[0x16, 0x03, 0x03], 120, 1, 5000);
+        assert_eq!(f.cause, Cause::TlsHandshakeTimeout);
+        assert!(f.evidence.contains(&("mtu_black_hole_suspected".into(), "true".into())));
+        let f = classify_stall(&[], 0, 1, 5000);
+        assert!(!f.evidence.iter().any(|(k, _)| k == "mtu_black_hole_suspected"));
+    }
+}
