@@ -424,7 +424,10 @@ impl Cause {
     /// Looks a cause up by public name, with or without the `CAUSE_` prefix, any case.
     pub fn from_name(name: &str) -> Option<Cause> {
         let n = name.trim();
-        let n = n.strip_prefix("CAUSE_").or_else(|| n.strip_prefix("cause_")).unwrap_or(n);
+        let n = n
+            .strip_prefix("CAUSE_")
+            .or_else(|| n.strip_prefix("cause_"))
+            .unwrap_or(n);
         if n.eq_ignore_ascii_case("OK") {
             return Some(Cause::Ok);
         }

@@ -52,6 +52,8 @@ pub struct FileConfig {
     pub severity: BTreeMap<String, Severity>,
     /// `[log]`
     pub log: LogFile,
+    /// `[directory]`: credential pre-validation by LDAP bind.
+    pub directory: crate::credential::DirectoryFile,
 }
 
 /// `[server]`: the gRPC listener and admission control.
@@ -68,7 +70,11 @@ pub struct ServerFile {
 
 impl Default for ServerFile {
     fn default() -> Self {
-        ServerFile { listen: "127.0.0.1:50051".into(), max_concurrent_checks: 64, max_queued_checks: 256 }
+        ServerFile {
+            listen: "127.0.0.1:50051".into(),
+            max_concurrent_checks: 64,
+            max_queued_checks: 256,
+        }
     }
 }
 
@@ -86,7 +92,11 @@ pub struct CheckFile {
 
 impl Default for CheckFile {
     fn default() -> Self {
-        CheckFile { default_budget_ms: 10_000, max_budget_ms: 30_000, deadline_margin_ms: 100 }
+        CheckFile {
+            default_budget_ms: 10_000,
+            max_budget_ms: 30_000,
+            deadline_margin_ms: 100,
+        }
     }
 }
 
@@ -146,7 +156,12 @@ pub struct CertFile {
 
 impl Default for CertFile {
     fn default() -> Self {
-        CertFile { trust_anchors: Vec::new(), expiring_days: 14, pin_store: "auto".into(), pins: BTreeMap::new() }
+        CertFile {
+            trust_anchors: Vec::new(),
+            expiring_days: 14,
+            pin_store: "auto".into(),
+            pins: BTreeMap::new(),
+        }
     }
 }
 
@@ -165,7 +180,11 @@ pub struct NetworkFile {
 
 impl Default for NetworkFile {
     fn default() -> Self {
-        NetworkFile { high_latency_ms: 250, retransmission_ms: 900, retry_transient: true }
+        NetworkFile {
+            high_latency_ms: 250,
+            retransmission_ms: 900,
+            retry_transient: true,
+        }
     }
 }
 
@@ -195,7 +214,10 @@ pub struct LogFile {
 
 impl Default for LogFile {
     fn default() -> Self {
-        LogFile { format: "text".into(), level: "info".into() }
+        LogFile {
+            format: "text".into(),
+            level: "info".into(),
+        }
     }
 }
 
@@ -263,6 +285,8 @@ pub struct Config {
     pub log_json: bool,
     /// Log filter.
     pub log_level: String,
+    /// Directory for credential pre-validation (`None`: no LDAP bind).
+    pub directory: Option<crate::credential::DirectoryConfig>,
     /// The file mirror this was built from (for `config check`).
     pub file: FileConfig,
 }
@@ -302,8 +326,18 @@ impl FileConfig {
             }
             b = b.add_source(config::File::from(p).format(config::FileFormat::Toml));
         }
+        // Only `RDP_PREFLIGHT_<SECTION>__<KEY>` variables are config: others with the prefix
+        // (say, a password variable named for --password-env) are left alone.
+        let vars: HashMap<String, String> = std::env::vars()
+            .filter(|(k, _)| {
+                k.strip_prefix(ENV_PREFIX)
+                    .and_then(|r| r.strip_prefix('_'))
+                    .is_some_and(|r| r.contains("__"))
+            })
+            .collect();
         b = b.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
+                .source(Some(vars))
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true)
@@ -315,7 +349,9 @@ impl FileConfig {
                 .with_list_parse_key("policy.allow_ports"),
         );
         let merged = b.build().map_err(|e| ConfigError(e.to_string()))?;
-        merged.try_deserialize::<FileConfig>().map_err(|e| ConfigError(e.to_string()))
+        merged
+            .try_deserialize::<FileConfig>()
+            .map_err(|e| ConfigError(e.to_string()))
     }
 
     /// Validates into a typed [`Config`]; errors name the key.
@@ -341,10 +377,19 @@ impl FileConfig {
             .default_protocols
             .iter()
             .enumerate()
-            .try_fold(0u32, |acc, (i, p)| parse_protocol(p).map(|v| acc | v).ok_or_else(|| err(&format!("probe.default_protocols[{i}]"), format!("unknown protocol {p:?}"))))?;
+            .try_fold(0u32, |acc, (i, p)| {
+                parse_protocol(p).map(|v| acc | v).ok_or_else(|| {
+                    err(
+                        &format!("probe.default_protocols[{i}]"),
+                        format!("unknown protocol {p:?}"),
+                    )
+                })
+            })?;
         let minimum_protocol = match &self.probe.minimum_protocol {
             None => None,
-            Some(p) => Some(parse_protocol(p).ok_or_else(|| err("probe.minimum_protocol", format!("unknown protocol {p:?}")))?),
+            Some(p) => Some(
+                parse_protocol(p).ok_or_else(|| err("probe.minimum_protocol", format!("unknown protocol {p:?}")))?,
+            ),
         };
         if let Some(c) = &self.probe.cookie {
             crate::probe::x224::encode_connection_request(Some(c), 0).map_err(|e| err("probe.cookie", e))?;
@@ -357,7 +402,12 @@ impl FileConfig {
             "off" => PinStoreConfig::Off,
             "memory" => PinStoreConfig::Memory,
             "auto" => auto_pin_path().map_or(PinStoreConfig::Memory, PinStoreConfig::File),
-            "" => return Err(err("cert.pin_store", "empty: use \"auto\", \"memory\", \"off\" or a path")),
+            "" => {
+                return Err(err(
+                    "cert.pin_store",
+                    "empty: use \"auto\", \"memory\", \"off\" or a path",
+                ))
+            }
             p => PinStoreConfig::File(PathBuf::from(p)),
         };
         let mut pins = HashMap::new();
@@ -383,7 +433,9 @@ impl FileConfig {
         }
         let mut severity = HashMap::new();
         for (name, sev) in &self.severity {
-            let cause = Cause::from_name(name).filter(|c| *c != Cause::Ok).ok_or_else(|| err(&format!("severity.{name}"), "unknown cause"))?;
+            let cause = Cause::from_name(name)
+                .filter(|c| *c != Cause::Ok)
+                .ok_or_else(|| err(&format!("severity.{name}"), "unknown cause"))?;
             severity.insert(cause, *sev);
         }
         let log_json = match self.log.format.as_str() {
@@ -398,7 +450,11 @@ impl FileConfig {
             default_budget,
             max_budget,
             deadline_margin: Duration::from_millis(self.check.deadline_margin_ms),
-            default_port: if self.probe.default_port == 0 { return Err(err("probe.default_port", "must not be 0")) } else { self.probe.default_port },
+            default_port: if self.probe.default_port == 0 {
+                return Err(err("probe.default_port", "must not be 0"));
+            } else {
+                self.probe.default_port
+            },
             resolve_timeout: ms("probe.resolve_timeout_ms", self.probe.resolve_timeout_ms)?,
             tcp_timeout: ms("probe.tcp_timeout_ms", self.probe.tcp_timeout_ms)?,
             x224_timeout: ms("probe.x224_timeout_ms", self.probe.x224_timeout_ms)?,
@@ -416,12 +472,18 @@ impl FileConfig {
             policy: TargetPolicy {
                 allow_loopback: self.policy.allow_loopback,
                 networks,
-                dns_suffixes: self.policy.allow_dns_suffixes.iter().map(|s| s.trim_start_matches('.').to_ascii_lowercase()).collect(),
+                dns_suffixes: self
+                    .policy
+                    .allow_dns_suffixes
+                    .iter()
+                    .map(|s| s.trim_start_matches('.').to_ascii_lowercase())
+                    .collect(),
                 ports: self.policy.allow_ports.clone(),
             },
             severity,
             log_json,
             log_level: self.log.level.clone(),
+            directory: self.directory.validate().map_err(ConfigError)?,
             file: self.clone(),
         })
     }
@@ -466,10 +528,14 @@ fn auto_pin_path() -> Option<PathBuf> {
     Some(base.join("rdp-preflight").join("pins.json"))
 }
 
-/// True for an address in the always-denied set (loopback is separate: it has an opt-in).
+/// The address an IP literal (optionally in brackets) names.
 pub fn is_ip_literal(host: &str) -> Option<IpAddr> {
     host.trim_start_matches('[').trim_end_matches(']').parse().ok()
 }
+
+/// Serialises tests that read or set `RDP_PREFLIGHT_*` variables.
+#[cfg(test)]
+pub(crate) static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[cfg(test)]
 mod tests {
@@ -486,9 +552,14 @@ mod tests {
 
     #[test]
     fn file_overrides_and_errors_name_the_key() {
+        let _env = ENV_LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let dir = tempfile::tempdir().expect("tmp");
         let p = dir.path().join("c.toml");
-        std::fs::write(&p, "[severity]\nCERT_UNTRUSTED = \"deny\"\n[check]\ndefault_budget_ms = 4000\n").expect("write");
+        std::fs::write(
+            &p,
+            "[severity]\nCERT_UNTRUSTED = \"deny\"\n[check]\ndefault_budget_ms = 4000\n",
+        )
+        .expect("write");
         let c = Config::load(Some(&p)).expect("valid");
         assert_eq!(c.severity(Cause::CertUntrusted), Severity::Deny);
         assert_eq!(c.default_budget, Duration::from_millis(4000));
@@ -505,5 +576,29 @@ mod tests {
         assert!(bad("[cert]\ntrust_anchors = [\"/nonexistent.pem\"]\n").contains("cert.trust_anchors[0]"));
         assert!(bad("[policy]\nallow_networks = [\"10.0.0.0/33\"]\n").contains("policy.allow_networks[0]"));
         assert!(Config::load(Some(Path::new("/nonexistent/x.toml"))).is_err());
+    }
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::*;
+
+    /// Environment overrides (one test owns these variables: tests run in parallel).
+    #[test]
+    fn environment_overrides_the_file_and_ignores_other_prefixed_vars() {
+        let _env = ENV_LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::env::set_var("RDP_PREFLIGHT_CHECK__DEFAULT_BUDGET_MS", "7000");
+        std::env::set_var("RDP_PREFLIGHT_PROBE__DEFAULT_PROTOCOLS", "ssl");
+        std::env::set_var("RDP_PREFLIGHT_VAULT_PASSWORD", "not-config");
+        let c = Config::load(None).expect("valid");
+        assert_eq!(c.default_budget, Duration::from_millis(7000));
+        assert_eq!(c.default_protocols, protocol::SSL);
+        std::env::set_var("RDP_PREFLIGHT_CHECK__BOGUS", "1");
+        let e = Config::load(None).expect_err("unknown key").to_string();
+        std::env::remove_var("RDP_PREFLIGHT_CHECK__BOGUS");
+        std::env::remove_var("RDP_PREFLIGHT_CHECK__DEFAULT_BUDGET_MS");
+        std::env::remove_var("RDP_PREFLIGHT_PROBE__DEFAULT_PROTOCOLS");
+        std::env::remove_var("RDP_PREFLIGHT_VAULT_PASSWORD");
+        assert!(e.contains("bogus"), "{e}");
     }
 }

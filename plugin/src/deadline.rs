@@ -24,7 +24,10 @@ impl Budget {
     /// A budget of `total` from now.
     pub fn new(total: Duration) -> Self {
         let start = Instant::now();
-        Budget { start, deadline: start + total }
+        Budget {
+            start,
+            deadline: start + total,
+        }
     }
 
     /// When the check started.
@@ -71,11 +74,18 @@ mod tests {
     #[tokio::test]
     async fn stage_limit_and_check_deadline_are_told_apart() {
         let b = Budget::new(Duration::from_millis(200));
-        let r = b.run(Duration::from_millis(10), tokio::time::sleep(Duration::from_secs(5))).await;
+        let r = b
+            .run(Duration::from_millis(10), tokio::time::sleep(Duration::from_secs(5)))
+            .await;
         assert_eq!(r, Err(Expired::Stage));
-        let r = b.run(Duration::from_secs(10), tokio::time::sleep(Duration::from_secs(5))).await;
+        let r = b
+            .run(Duration::from_secs(10), tokio::time::sleep(Duration::from_secs(5)))
+            .await;
         assert_eq!(r, Err(Expired::Check));
         assert!(b.is_spent());
-        assert_eq!(b.run(Duration::from_secs(1), async { 7 }).await, Err(Expired::Check).or(Ok(7)));
+        assert_eq!(
+            b.run(Duration::from_secs(1), async { 7 }).await,
+            Err(Expired::Check).or(Ok(7))
+        );
     }
 }

@@ -1,1 +1,5 @@
-fn main() {}
+//! `rdp-preflight`: thin entry point; everything lives in the library.
+
+fn main() -> std::process::ExitCode {
+    rdp_preflight::cli::main()
+}

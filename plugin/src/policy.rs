@@ -21,7 +21,13 @@ impl Network {
         let (a, p) = s.split_once('/').unwrap_or((s, ""));
         let addr: IpAddr = a.trim().parse().map_err(|_| format!("{s:?} is not an IP network"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = if p.is_empty() { max } else { p.trim().parse::<u8>().map_err(|_| format!("{s:?}: bad prefix length"))? };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.trim()
+                .parse::<u8>()
+                .map_err(|_| format!("{s:?}: bad prefix length"))?
+        };
         if prefix > max {
             return Err(format!("{s:?}: prefix length above {max}"));
         }
@@ -81,24 +87,38 @@ impl TargetPolicy {
     /// Checks the host name (for non-literals) and the port before any traffic.
     pub fn check_name(&self, host: &str, port: u16) -> Result<(), Refusal> {
         if !self.ports.is_empty() && !self.ports.contains(&port) {
-            return Err(Refusal { subject: port.to_string(), reason: "port not in policy.allow_ports" });
+            return Err(Refusal {
+                subject: port.to_string(),
+                reason: "port not in policy.allow_ports",
+            });
         }
         if host.parse::<IpAddr>().is_ok() || self.dns_suffixes.is_empty() {
             return Ok(());
         }
         let h = host.trim_end_matches('.').to_ascii_lowercase();
-        let ok = self.dns_suffixes.iter().any(|s| h == *s || h.ends_with(&format!(".{s}")));
+        let ok = self
+            .dns_suffixes
+            .iter()
+            .any(|s| h == *s || h.ends_with(&format!(".{s}")));
         if ok {
             Ok(())
         } else {
-            Err(Refusal { subject: host.to_owned(), reason: "host name not under policy.allow_dns_suffixes" })
+            Err(Refusal {
+                subject: host.to_owned(),
+                reason: "host name not under policy.allow_dns_suffixes",
+            })
         }
     }
 
     /// Checks one resolved address.
     pub fn check_addr(&self, ip: IpAddr) -> Result<(), Refusal> {
         let ip = canonical(ip);
-        let denied = |reason| Err(Refusal { subject: ip.to_string(), reason });
+        let denied = |reason| {
+            Err(Refusal {
+                subject: ip.to_string(),
+                reason,
+            })
+        };
         let always = match ip {
             IpAddr::V4(v4) => {
                 if v4 == METADATA_V4 {
@@ -127,7 +147,11 @@ impl TargetPolicy {
             return denied(reason);
         }
         if ip.is_loopback() {
-            return if self.allow_loopback { Ok(()) } else { denied("loopback address (set policy.allow_loopback to probe local targets)") };
+            return if self.allow_loopback {
+                Ok(())
+            } else {
+                denied("loopback address (set policy.allow_loopback to probe local targets)")
+            };
         }
         if !self.networks.is_empty() && !self.networks.iter().any(|n| n.contains(ip)) {
             return denied("address not in policy.allow_networks");
@@ -147,21 +171,44 @@ mod tests {
     #[test]
     fn always_denied_set() {
         let p = TargetPolicy::default();
-        for a in ["169.254.169.254", "169.254.1.1", "0.0.0.0", "255.255.255.255", "224.0.0.1", "fd00:ec2::254", "fe80::1", "::", "ff02::1", "127.0.0.1", "::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254"] {
+        for a in [
+            "169.254.169.254",
+            "169.254.1.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "fd00:ec2::254",
+            "fe80::1",
+            "::",
+            "ff02::1",
+            "127.0.0.1",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
             assert!(p.check_addr(ip(a)).is_err(), "{a}");
         }
         assert!(p.check_addr(ip("10.1.2.3")).is_ok());
-        let lo = TargetPolicy { allow_loopback: true, ..TargetPolicy::default() };
+        let lo = TargetPolicy {
+            allow_loopback: true,
+            ..TargetPolicy::default()
+        };
         assert!(lo.check_addr(ip("127.0.0.5")).is_ok());
         // The metadata address stays denied even with an allowlist that covers it.
-        let wide = TargetPolicy { networks: vec![Network::parse("0.0.0.0/0").expect("net")], ..TargetPolicy::default() };
+        let wide = TargetPolicy {
+            networks: vec![Network::parse("0.0.0.0/0").expect("net")],
+            ..TargetPolicy::default()
+        };
         assert!(wide.check_addr(ip("169.254.169.254")).is_err());
     }
 
     #[test]
     fn allowlists() {
         let p = TargetPolicy {
-            networks: vec![Network::parse("10.0.0.0/8").expect("net"), Network::parse("2001:db8::/32").expect("net")],
+            networks: vec![
+                Network::parse("10.0.0.0/8").expect("net"),
+                Network::parse("2001:db8::/32").expect("net"),
+            ],
             dns_suffixes: vec!["corp.example".into()],
             ports: vec![3389],
             ..TargetPolicy::default()

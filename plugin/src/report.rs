@@ -22,7 +22,12 @@ impl Finding {
     /// A finding at the cause's own stage.
     pub fn new(cause: Cause, message: impl Into<String>) -> Self {
         let stage = cause.info().map_or(Stage::Check, |i| i.stage);
-        Finding { cause, stage, message: message.into(), evidence: Vec::new() }
+        Finding {
+            cause,
+            stage,
+            message: message.into(),
+            evidence: Vec::new(),
+        }
     }
 
     /// Overrides the stage (e.g. a 6xx cause found by the NLA stage).

@@ -7,12 +7,7 @@
 use std::{net::IpAddr, time::Duration};
 
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
-use x509_parser::{
-    certificate::X509Certificate,
-    extensions::GeneralName,
-    prelude::FromDer,
-    public_key::PublicKey,
-};
+use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer, public_key::PublicKey};
 
 use crate::{cause::Cause, report::CertFacts, report::Finding};
 
@@ -104,7 +99,11 @@ pub fn analyse(chain: &[CertificateDer<'_>], input: &Inputs<'_>) -> (CertFacts, 
         for o in &e.other {
             let s = o.to_id_string();
             rdp |= s == RDP_AUTH_EKU_STR;
-            facts.extended_key_usage.push(if s == RDP_AUTH_EKU_STR { "remoteDesktopAuthentication".into() } else { s });
+            facts.extended_key_usage.push(if s == RDP_AUTH_EKU_STR {
+                "remoteDesktopAuthentication".into()
+            } else {
+                s
+            });
         }
         eku_ok = e.any || e.server_auth || rdp;
     }
@@ -113,24 +112,42 @@ pub fn analyse(chain: &[CertificateDer<'_>], input: &Inputs<'_>) -> (CertFacts, 
     let fp = facts.sha256_fingerprint.clone();
     if input.now > facts.not_after {
         findings.push(
-            Finding::new(Cause::CertExpired, format!("the server certificate expired {} ago", days(input.now - facts.not_after)))
-                .with("not_after", rfc3339(facts.not_after))
-                .with("subject", &facts.subject)
-                .with("sha256_fingerprint", &fp),
+            Finding::new(
+                Cause::CertExpired,
+                format!(
+                    "the server certificate expired {} ago",
+                    days(input.now - facts.not_after)
+                ),
+            )
+            .with("not_after", rfc3339(facts.not_after))
+            .with("subject", &facts.subject)
+            .with("sha256_fingerprint", &fp),
         );
     } else if input.now < facts.not_before {
         findings.push(
-            Finding::new(Cause::CertNotYetValid, format!("the server certificate becomes valid only in {}", days(facts.not_before - input.now)))
-                .with("not_before", rfc3339(facts.not_before))
-                .with("subject", &facts.subject)
-                .with("sha256_fingerprint", &fp),
+            Finding::new(
+                Cause::CertNotYetValid,
+                format!(
+                    "the server certificate becomes valid only in {}",
+                    days(facts.not_before - input.now)
+                ),
+            )
+            .with("not_before", rfc3339(facts.not_before))
+            .with("subject", &facts.subject)
+            .with("sha256_fingerprint", &fp),
         );
     } else if facts.not_after - input.now < i64::try_from(input.expiring_window.as_secs()).unwrap_or(i64::MAX) {
         findings.push(
-            Finding::new(Cause::CertExpiringSoon, format!("the server certificate expires in {}", days(facts.not_after - input.now)))
-                .with("not_after", rfc3339(facts.not_after))
-                .with("window_days", input.expiring_window.as_secs() / 86_400)
-                .with("sha256_fingerprint", &fp),
+            Finding::new(
+                Cause::CertExpiringSoon,
+                format!(
+                    "the server certificate expires in {}",
+                    days(facts.not_after - input.now)
+                ),
+            )
+            .with("not_after", rfc3339(facts.not_after))
+            .with("window_days", input.expiring_window.as_secs() / 86_400)
+            .with("sha256_fingerprint", &fp),
         );
     }
 
@@ -142,11 +159,14 @@ pub fn analyse(chain: &[CertificateDer<'_>], input: &Inputs<'_>) -> (CertFacts, 
         .collect::<Vec<_>>();
     if !name_matches(input.expected_name, &facts.san_dns, &facts.san_ip, &cn) {
         findings.push(
-            Finding::new(Cause::CertNameMismatch, format!("the certificate is not issued for {:?}", input.expected_name))
-                .with("expected_name", input.expected_name)
-                .with("san_dns", facts.san_dns.join(","))
-                .with("san_ip", facts.san_ip.join(","))
-                .with("subject_cn", cn.join(",")),
+            Finding::new(
+                Cause::CertNameMismatch,
+                format!("the certificate is not issued for {:?}", input.expected_name),
+            )
+            .with("expected_name", input.expected_name)
+            .with("san_dns", facts.san_dns.join(","))
+            .with("san_ip", facts.san_ip.join(","))
+            .with("subject_cn", cn.join(",")),
         );
     }
 
@@ -171,7 +191,9 @@ pub fn analyse(chain: &[CertificateDer<'_>], input: &Inputs<'_>) -> (CertFacts, 
 
     // Key and signature strength.
     let weak_key = facts.key_type == "RSA" && facts.key_bits < 2048;
-    let weak_sig = facts.signature_algorithm.starts_with("sha1") || facts.signature_algorithm.starts_with("md5") || facts.signature_algorithm == "ecdsa-with-SHA1";
+    let weak_sig = facts.signature_algorithm.starts_with("sha1")
+        || facts.signature_algorithm.starts_with("md5")
+        || facts.signature_algorithm == "ecdsa-with-SHA1";
     if weak_key || weak_sig {
         let what = match (weak_key, weak_sig) {
             (true, true) => "a weak key and a weak signature",
@@ -199,31 +221,45 @@ pub fn pin_finding(fingerprint: &str, pinned: &str, source: &str) -> Option<Find
         return None;
     }
     Some(
-        Finding::new(Cause::CertPinMismatch, format!("the certificate differs from the {source} one"))
-            .with("sha256_fingerprint", fingerprint)
-            .with("pinned_sha256", pinned)
-            .with("pin_source", source),
+        Finding::new(
+            Cause::CertPinMismatch,
+            format!("the certificate differs from the {source} one"),
+        )
+        .with("sha256_fingerprint", fingerprint)
+        .with("pinned_sha256", pinned)
+        .with("pin_source", source),
     )
 }
 
 /// Lower-case hex SHA-256 of a DER certificate.
 pub fn fingerprint(der: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, der).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn verify_path(chain: &[CertificateDer<'_>], input: &Inputs<'_>, not_before: i64, not_after: i64) -> String {
     if input.anchors.is_empty() {
         return "no trust anchors configured".into();
     }
-    let Some(ee) = chain.first() else { return "no certificate".into() };
+    let Some(ee) = chain.first() else {
+        return "no certificate".into();
+    };
     let ee = match webpki::EndEntityCert::try_from(ee) {
         Ok(e) => e,
         Err(e) => return format!("{e:?}"),
     };
     let at = input.now.clamp(not_before, not_after).max(0);
     let time = UnixTime::since_unix_epoch(Duration::from_secs(u64::try_from(at).unwrap_or(0)));
-    let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms.all;
-    let verify = |usage| ee.verify_for_usage(algs, input.anchors, &chain[1..], time, usage, None, None).map(|_| ());
+    let algs = rustls::crypto::ring::default_provider()
+        .signature_verification_algorithms
+        .all;
+    let verify = |usage| {
+        ee.verify_for_usage(algs, input.anchors, &chain[1..], time, usage, None, None)
+            .map(|_| ())
+    };
     match verify(webpki::KeyUsage::server_auth()) {
         Ok(()) => TRUSTED.into(),
         Err(e) => {
@@ -244,7 +280,8 @@ fn verify_path(chain: &[CertificateDer<'_>], input: &Inputs<'_>, not_before: i64
 fn name_matches(expected: &str, san_dns: &[String], san_ip: &[String], cn: &[String]) -> bool {
     let expected = expected.trim_end_matches('.');
     if let Ok(ip) = expected.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
-        return san_ip.iter().any(|s| s.parse::<IpAddr>().is_ok_and(|x| x == ip)) || cn.iter().any(|c| c.parse::<IpAddr>().is_ok_and(|x| x == ip));
+        return san_ip.iter().any(|s| s.parse::<IpAddr>().is_ok_and(|x| x == ip))
+            || cn.iter().any(|c| c.parse::<IpAddr>().is_ok_and(|x| x == ip));
     }
     san_dns.iter().chain(cn).any(|pattern| dns_match(pattern, expected))
 }
@@ -286,7 +323,10 @@ fn key_info(cert: &X509Certificate<'_>) -> (String, u32) {
                     other => other.to_owned(),
                 })
                 .unwrap_or_default();
-            (format!("EC {curve}").trim().to_owned(), u32::try_from(ec.key_size()).unwrap_or(0))
+            (
+                format!("EC {curve}").trim().to_owned(),
+                u32::try_from(ec.key_size()).unwrap_or(0),
+            )
         }
         Ok(PublicKey::DSA(_)) => ("DSA".into(), 0),
         Ok(_) => match spki.algorithm.algorithm.to_id_string().as_str() {
@@ -375,11 +415,18 @@ mod tests {
     }
 
     fn anchors(ca: &Ca) -> Vec<TrustAnchor<'static>> {
-        vec![webpki::anchor_from_trusted_cert(ca.cert.der()).expect("anchor").to_owned()]
+        vec![webpki::anchor_from_trusted_cert(ca.cert.der())
+            .expect("anchor")
+            .to_owned()]
     }
 
     fn run(chain: &[CertificateDer<'_>], name: &str, anchors: &[TrustAnchor<'static>]) -> (CertFacts, Vec<Cause>) {
-        let input = Inputs { expected_name: name, now: NOW, expiring_window: Duration::from_secs(14 * 86_400), anchors };
+        let input = Inputs {
+            expected_name: name,
+            now: NOW,
+            expiring_window: Duration::from_secs(14 * 86_400),
+            anchors,
+        };
         let (facts, f) = analyse(chain, &input);
         (facts, f.into_iter().map(|f| f.cause).collect())
     }
@@ -416,9 +463,14 @@ mod tests {
     fn names_ip_san_wildcard_and_cn_fallback() {
         let ca = ca();
         let a = anchors(&ca);
-        assert_eq!(run(&[leaf(&ca, |_| {})], "other.example.test", &a).1, vec![Cause::CertNameMismatch]);
-        let ip = leaf(&ca, |p| p.subject_alt_names = vec![SanType::IpAddress("10.1.2.3".parse().expect("ip"))]);
-        let (facts, causes) = run(&[ip.clone()], "10.1.2.3", &a);
+        assert_eq!(
+            run(&[leaf(&ca, |_| {})], "other.example.test", &a).1,
+            vec![Cause::CertNameMismatch]
+        );
+        let ip = leaf(&ca, |p| {
+            p.subject_alt_names = vec![SanType::IpAddress("10.1.2.3".parse().expect("ip"))]
+        });
+        let (facts, causes) = run(std::slice::from_ref(&ip), "10.1.2.3", &a);
         assert_eq!(causes, vec![]);
         assert_eq!(facts.san_ip, vec!["10.1.2.3"]);
         assert_eq!(run(&[ip], "10.1.2.4", &a).1, vec![Cause::CertNameMismatch]);
@@ -448,7 +500,11 @@ mod tests {
         let own = vec![webpki::anchor_from_trusted_cert(cert.der()).expect("anchor").to_owned()];
         let (facts, causes) = run(&[cert.der().clone()], "win-rdp01", &own);
         assert_eq!(causes, vec![Cause::CertUntrusted]);
-        assert!(facts.verifier_verdict.contains("CaUsedAsEndEntity"), "{}", facts.verifier_verdict);
+        assert!(
+            facts.verifier_verdict.contains("CaUsedAsEndEntity"),
+            "{}",
+            facts.verifier_verdict
+        );
     }
 
     #[test]
@@ -463,7 +519,9 @@ mod tests {
     fn wrong_eku_and_rdp_eku() {
         let ca = ca();
         let a = anchors(&ca);
-        let client_only = leaf(&ca, |p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth]);
+        let client_only = leaf(&ca, |p| {
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth]
+        });
         let (_, causes) = run(&[client_only], "rdp1.example.test", &a);
         assert!(causes.contains(&Cause::CertWrongUsage), "{causes:?}");
         let rdp_only = leaf(&ca, |p| {

@@ -78,20 +78,41 @@ impl StageClock {
 }
 
 /// Builds a record for a stage that started at `offset` and ends now.
-pub fn record(stage: Stage, status: StageStatus, offset: Duration, clock: &StageClock, detail: impl Into<String>) -> StageRecord {
-    StageRecord { stage, status, start: offset, duration: clock.start.elapsed(), detail: detail.into() }
+pub fn record(
+    stage: Stage,
+    status: StageStatus,
+    offset: Duration,
+    clock: &StageClock,
+    detail: impl Into<String>,
+) -> StageRecord {
+    StageRecord {
+        stage,
+        status,
+        start: offset,
+        duration: clock.start.elapsed(),
+        detail: detail.into(),
+    }
 }
 
 /// A stage that did not run.
 pub fn not_run(stage: Stage, offset: Duration, detail: &str) -> StageRecord {
-    StageRecord { stage, status: StageStatus::NotRun, start: offset, duration: Duration::ZERO, detail: detail.into() }
+    StageRecord {
+        stage,
+        status: StageStatus::NotRun,
+        start: offset,
+        duration: Duration::ZERO,
+        detail: detail.into(),
+    }
 }
 
 /// The finding for a budget that ran out in `stage`.
 pub fn deadline_finding(stage: Stage, budget: &Budget) -> Finding {
-    Finding::new(Cause::CheckDeadlineExceeded, format!("the check ran out of time during the {stage} stage"))
-        .with("stage", stage)
-        .with("elapsed_ms", budget.elapsed().as_millis())
+    Finding::new(
+        Cause::CheckDeadlineExceeded,
+        format!("the check ran out of time during the {stage} stage"),
+    )
+    .with("stage", stage)
+    .with("elapsed_ms", budget.elapsed().as_millis())
 }
 
 /// Runs probes; one per process, shared by all checks.
@@ -121,7 +142,11 @@ struct Attempt {
     deadline_hit: bool,
 }
 
-const TRANSIENT: [Cause; 3] = [Cause::X224Closed, Cause::TlsClosedDuringHandshake, Cause::TcpUnreachable];
+const TRANSIENT: [Cause; 3] = [
+    Cause::X224Closed,
+    Cause::TlsClosedDuringHandshake,
+    Cause::TcpUnreachable,
+];
 
 impl Prober {
     /// A prober with the process-wide crypto provider and pin store.
@@ -139,45 +164,94 @@ impl Prober {
     /// Probes one target.
     pub async fn probe(&self, req: &ProbeRequest, budget: &Budget) -> ProbeOutcome {
         let mut out = ProbeOutcome {
-            facts: TargetFacts { host: req.host.clone(), port: req.port, requested_protocols: req.requested, ..TargetFacts::default() },
+            facts: TargetFacts {
+                host: req.host.clone(),
+                port: req.port,
+                requested_protocols: req.requested,
+                ..TargetFacts::default()
+            },
             ..ProbeOutcome::default()
         };
-        let later = [Stage::Resolve, Stage::Tcp, Stage::X224, Stage::Tls, Stage::Cert, Stage::Network];
+        let later = [
+            Stage::Resolve,
+            Stage::Tcp,
+            Stage::X224,
+            Stage::Tls,
+            Stage::Cert,
+            Stage::Network,
+        ];
 
         // Policy on the name and port.
         let (clock, off) = StageClock::start(budget);
         if let Err(r) = self.cfg.policy.check_name(&req.host, req.port) {
             out.findings.push(policy_finding(&req.host, &r));
-            out.stages.push(record(Stage::Policy, StageStatus::Failed, off, &clock, r.reason));
-            out.stages.extend(later.iter().map(|s| not_run(*s, budget.elapsed(), "target refused by policy")));
+            out.stages
+                .push(record(Stage::Policy, StageStatus::Failed, off, &clock, r.reason));
+            out.stages.extend(
+                later
+                    .iter()
+                    .map(|s| not_run(*s, budget.elapsed(), "target refused by policy")),
+            );
             return out;
         }
 
         // Resolve.
         let (rclock, roff) = StageClock::start(budget);
-        let addrs = match budget.run(self.cfg.resolve_timeout, resolve::resolve(&req.host, req.port)).await {
+        let addrs = match budget
+            .run(self.cfg.resolve_timeout, resolve::resolve(&req.host, req.port))
+            .await
+        {
             Ok(Ok((addrs, literal))) => {
-                let detail = if literal { "IP literal: no DNS lookup".to_owned() } else { format!("{} address(es)", addrs.len()) };
-                out.stages.push(record(Stage::Resolve, StageStatus::Ok, roff, &rclock, detail));
+                let detail = if literal {
+                    "IP literal: no DNS lookup".to_owned()
+                } else {
+                    format!("{} address(es)", addrs.len())
+                };
+                out.stages
+                    .push(record(Stage::Resolve, StageStatus::Ok, roff, &rclock, detail));
                 addrs
             }
             Ok(Err(e)) => {
                 out.findings.push(e.finding(&req.host));
-                out.stages.push(record(Stage::Resolve, StageStatus::Failed, roff, &rclock, e.to_string()));
-                out.stages.insert(0, record(Stage::Policy, StageStatus::Ok, off, &clock, "name and port allowed"));
-                out.stages.extend(later[1..].iter().map(|s| not_run(*s, budget.elapsed(), "name did not resolve")));
+                out.stages.push(record(
+                    Stage::Resolve,
+                    StageStatus::Failed,
+                    roff,
+                    &rclock,
+                    e.to_string(),
+                ));
+                out.stages.insert(
+                    0,
+                    record(Stage::Policy, StageStatus::Ok, off, &clock, "name and port allowed"),
+                );
+                out.stages.extend(
+                    later[1..]
+                        .iter()
+                        .map(|s| not_run(*s, budget.elapsed(), "name did not resolve")),
+                );
                 return out;
             }
             Err(which) => {
                 let f = match which {
                     Expired::Check => deadline_finding(Stage::Resolve, budget),
-                    Expired::Stage => Finding::new(Cause::ResolveFailed, format!("the resolver did not answer for {:?} in time", req.host))
-                        .with("timeout_ms", self.cfg.resolve_timeout.as_millis()),
+                    Expired::Stage => Finding::new(
+                        Cause::ResolveFailed,
+                        format!("the resolver did not answer for {:?} in time", req.host),
+                    )
+                    .with("timeout_ms", self.cfg.resolve_timeout.as_millis()),
                 };
                 out.findings.push(f);
-                out.stages.push(record(Stage::Resolve, StageStatus::Failed, roff, &rclock, "timed out"));
-                out.stages.insert(0, record(Stage::Policy, StageStatus::Ok, off, &clock, "name and port allowed"));
-                out.stages.extend(later[1..].iter().map(|s| not_run(*s, budget.elapsed(), "name did not resolve")));
+                out.stages
+                    .push(record(Stage::Resolve, StageStatus::Failed, roff, &rclock, "timed out"));
+                out.stages.insert(
+                    0,
+                    record(Stage::Policy, StageStatus::Ok, off, &clock, "name and port allowed"),
+                );
+                out.stages.extend(
+                    later[1..]
+                        .iter()
+                        .map(|s| not_run(*s, budget.elapsed(), "name did not resolve")),
+                );
                 return out;
             }
         };
@@ -185,26 +259,46 @@ impl Prober {
 
         // Policy on every resolved address.
         if let Some(r) = addrs.iter().find_map(|a| self.cfg.policy.check_addr(a.ip()).err()) {
-            out.findings.push(policy_finding(&req.host, &r).with("resolved", join(&addrs)));
-            out.stages.insert(0, record(Stage::Policy, StageStatus::Failed, off, &clock, r.reason));
-            out.stages.extend(later[1..].iter().map(|s| not_run(*s, budget.elapsed(), "target refused by policy")));
+            out.findings
+                .push(policy_finding(&req.host, &r).with("resolved", join(&addrs)));
+            out.stages
+                .insert(0, record(Stage::Policy, StageStatus::Failed, off, &clock, r.reason));
+            out.stages.extend(
+                later[1..]
+                    .iter()
+                    .map(|s| not_run(*s, budget.elapsed(), "target refused by policy")),
+            );
             return out;
         }
-        out.stages.insert(0, record(Stage::Policy, StageStatus::Ok, off, &clock, "target allowed"));
+        out.stages
+            .insert(0, record(Stage::Policy, StageStatus::Ok, off, &clock, "target allowed"));
 
         // TCP + X.224 + TLS, retried once quickly after a failure that flapping paths produce.
         let mut attempt = self.attempt(req, &addrs, budget).await;
-        if self.cfg.retry_transient && !attempt.deadline_hit && attempt.failure.is_some_and(|c| TRANSIENT.contains(&c)) && budget.remaining() > Duration::from_millis(200) {
+        if self.cfg.retry_transient
+            && !attempt.deadline_hit
+            && attempt.failure.is_some_and(|c| TRANSIENT.contains(&c))
+            && budget.remaining() > Duration::from_millis(200)
+        {
             let first = attempt.failure;
             let second = self.attempt(req, &addrs, budget).await;
             if second.failure != first && !second.deadline_hit {
-                let unstable = Finding::new(Cause::NetUnstable, "two attempts within one check disagreed: the path or the target is flapping")
-                    .with("first_attempt", first.map_or("ok".to_owned(), |c| c.name().to_owned()))
-                    .with("second_attempt", second.failure.map_or("ok".to_owned(), |c| c.name().to_owned()));
+                let unstable = Finding::new(
+                    Cause::NetUnstable,
+                    "two attempts within one check disagreed: the path or the target is flapping",
+                )
+                .with("first_attempt", first.map_or("ok".to_owned(), |c| c.name().to_owned()))
+                .with(
+                    "second_attempt",
+                    second.failure.map_or("ok".to_owned(), |c| c.name().to_owned()),
+                );
                 attempt = second;
                 attempt.findings.push(unstable);
             } else {
-                attempt.findings.iter_mut().for_each(|f| f.evidence.push(("retried".into(), "same result".into())));
+                attempt
+                    .findings
+                    .iter_mut()
+                    .for_each(|f| f.evidence.push(("retried".into(), "same result".into())));
             }
         }
         out.facts.connected = attempt.connected;
@@ -215,7 +309,8 @@ impl Prober {
         out.facts.cipher_suite = std::mem::take(&mut attempt.cipher);
         out.stages.append(&mut attempt.stages);
         let mut findings = std::mem::take(&mut attempt.findings);
-        let (unstable, rest): (Vec<Finding>, Vec<Finding>) = findings.drain(..).partition(|f| f.cause == Cause::NetUnstable);
+        let (unstable, rest): (Vec<Finding>, Vec<Finding>) =
+            findings.drain(..).partition(|f| f.cause == Cause::NetUnstable);
         out.findings.extend(rest);
 
         // Certificate.
@@ -223,16 +318,36 @@ impl Prober {
         if attempt.chain.is_empty() {
             out.stages.push(not_run(Stage::Cert, coff, "no certificate received"));
         } else {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-            let inputs = cert::Inputs { expected_name: &req.expected_name, now, expiring_window: self.cfg.expiring_window, anchors: &self.cfg.trust_anchors };
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            let inputs = cert::Inputs {
+                expected_name: &req.expected_name,
+                now,
+                expiring_window: self.cfg.expiring_window,
+                anchors: &self.cfg.trust_anchors,
+            };
             let (facts, mut found) = cert::analyse(&attempt.chain, &inputs);
             let key = pins::target_key(&req.host, req.port);
             if let Some(f) = self.pins.check(&key, &facts.sha256_fingerprint) {
                 found.push(f.with("target", &key));
             }
-            let failed = found.iter().any(|f| self.cfg.severity(f.cause) == crate::cause::Severity::Deny);
-            let detail = format!("{} {}, {} finding(s)", facts.key_type, facts.signature_algorithm, found.len());
-            out.stages.push(record(Stage::Cert, if failed { StageStatus::Failed } else { StageStatus::Ok }, coff, &cclock, detail));
+            let failed = found
+                .iter()
+                .any(|f| self.cfg.severity(f.cause) == crate::cause::Severity::Deny);
+            let detail = format!(
+                "{} {}, {} finding(s)",
+                facts.key_type,
+                facts.signature_algorithm,
+                found.len()
+            );
+            out.stages.push(record(
+                Stage::Cert,
+                if failed { StageStatus::Failed } else { StageStatus::Ok },
+                coff,
+                &cclock,
+                detail,
+            ));
             out.facts.certificate = Some(facts);
             out.findings.extend(found);
             out.server_cert = attempt.chain.first().cloned();
@@ -245,10 +360,13 @@ impl Prober {
             let rtt = tcp.min(x224);
             if rtt > self.cfg.high_latency {
                 net.push(
-                    Finding::new(Cause::NetHighLatency, format!("round trips to the target take {} ms", rtt.as_millis()))
-                        .with("tcp_connect_ms", tcp.as_millis())
-                        .with("x224_round_trip_ms", x224.as_millis())
-                        .with("threshold_ms", self.cfg.high_latency.as_millis()),
+                    Finding::new(
+                        Cause::NetHighLatency,
+                        format!("round trips to the target take {} ms", rtt.as_millis()),
+                    )
+                    .with("tcp_connect_ms", tcp.as_millis())
+                    .with("x224_round_trip_ms", x224.as_millis())
+                    .with("threshold_ms", self.cfg.high_latency.as_millis()),
                 );
             } else if tcp > self.cfg.retransmission && x224 < self.cfg.retransmission / 4 {
                 net.push(
@@ -257,16 +375,37 @@ impl Prober {
                         .with("x224_round_trip_ms", x224.as_millis()),
                 );
             }
-            let status = if net.is_empty() { StageStatus::Ok } else { StageStatus::Failed };
-            out.stages.push(record(Stage::Network, status, noff, &nclock, format!("tcp {} ms, x224 {} ms", tcp.as_millis(), x224.as_millis())));
+            let status = if net.is_empty() {
+                StageStatus::Ok
+            } else {
+                StageStatus::Failed
+            };
+            out.stages.push(record(
+                Stage::Network,
+                status,
+                noff,
+                &nclock,
+                format!("tcp {} ms, x224 {} ms", tcp.as_millis(), x224.as_millis()),
+            ));
         } else if !net.is_empty() {
-            out.stages.push(record(Stage::Network, StageStatus::Failed, noff, &nclock, "attempts disagreed"));
+            out.stages.push(record(
+                Stage::Network,
+                StageStatus::Failed,
+                noff,
+                &nclock,
+                "attempts disagreed",
+            ));
         } else {
-            out.stages.push(not_run(Stage::Network, noff, "no round trips measured"));
+            out.stages
+                .push(not_run(Stage::Network, noff, "no round trips measured"));
         }
         out.findings.extend(net);
         // Hand the stream on only when nothing so far denies the session.
-        if !out.findings.iter().any(|f| self.cfg.severity(f.cause) == crate::cause::Severity::Deny) {
+        if !out
+            .findings
+            .iter()
+            .any(|f| self.cfg.severity(f.cause) == crate::cause::Severity::Deny)
+        {
             out.tls = attempt.tls.take();
         }
         out
@@ -280,14 +419,21 @@ impl Prober {
             Ok(Ok((s, addr, rtt))) => {
                 a.connected = Some(addr);
                 a.tcp_rtt = Some(rtt);
-                a.stages.push(record(Stage::Tcp, StageStatus::Ok, off, &clock, format!("connected to {addr}")));
+                a.stages.push(record(
+                    Stage::Tcp,
+                    StageStatus::Ok,
+                    off,
+                    &clock,
+                    format!("connected to {addr}"),
+                ));
                 s
             }
             Ok(Err((addr, e))) => {
                 let f = tcp_finding(addr, &e);
                 a.failure = Some(f.cause);
                 a.findings.push(f);
-                a.stages.push(record(Stage::Tcp, StageStatus::Failed, off, &clock, e.to_string()));
+                a.stages
+                    .push(record(Stage::Tcp, StageStatus::Failed, off, &clock, e.to_string()));
                 a.rest_not_run(budget, &[Stage::X224, Stage::Tls], "TCP connect failed");
                 return a;
             }
@@ -296,7 +442,8 @@ impl Prober {
                     Finding::new(Cause::TcpTimeout, "no answer to the TCP connect (SYN) before the stage deadline: a firewall drops it, or the host is down")
                         .with("addresses", join(addrs))
                 });
-                a.stages.push(record(Stage::Tcp, StageStatus::Failed, off, &clock, "timed out"));
+                a.stages
+                    .push(record(Stage::Tcp, StageStatus::Failed, off, &clock, "timed out"));
                 a.rest_not_run(budget, &[Stage::X224, Stage::Tls], "TCP connect failed");
                 return a;
             }
@@ -309,7 +456,9 @@ impl Prober {
             Ok(b) => b,
             Err(e) => {
                 // Validated at config load; a request that still fails to encode is a bug.
-                a.findings.push(Finding::new(Cause::X224NotRdp, "the connection request could not be encoded").with("error", e));
+                a.findings.push(
+                    Finding::new(Cause::X224NotRdp, "the connection request could not be encoded").with("error", e),
+                );
                 a.failure = Some(Cause::X224NotRdp);
                 return a;
             }
@@ -320,14 +469,22 @@ impl Prober {
             Ok(Ok((pdu, bytes))) => {
                 a.x224_rtt = Some(x0.elapsed());
                 let (finding, detail) = self.judge_confirm(req, pdu, &bytes, &mut a);
-                let failed = finding.as_ref().is_some_and(|f| self.cfg.severity(f.cause) == crate::cause::Severity::Deny);
+                let failed = finding
+                    .as_ref()
+                    .is_some_and(|f| self.cfg.severity(f.cause) == crate::cause::Severity::Deny);
                 if let Some(f) = finding {
                     if failed {
                         a.failure = Some(f.cause);
                     }
                     a.findings.push(f);
                 }
-                a.stages.push(record(Stage::X224, if failed { StageStatus::Failed } else { StageStatus::Ok }, off, &clock, detail));
+                a.stages.push(record(
+                    Stage::X224,
+                    if failed { StageStatus::Failed } else { StageStatus::Ok },
+                    off,
+                    &clock,
+                    detail,
+                ));
                 if failed {
                     a.rest_not_run(budget, &[Stage::Tls], "X.224 negotiation failed");
                     return a;
@@ -337,16 +494,26 @@ impl Prober {
                 let f = e.finding();
                 a.failure = Some(f.cause);
                 a.findings.push(f);
-                a.stages.push(record(Stage::X224, StageStatus::Failed, off, &clock, "no valid connection confirm"));
+                a.stages.push(record(
+                    Stage::X224,
+                    StageStatus::Failed,
+                    off,
+                    &clock,
+                    "no valid connection confirm",
+                ));
                 a.rest_not_run(budget, &[Stage::Tls], "X.224 negotiation failed");
                 return a;
             }
             Err(which) => {
                 a.expired(which, Stage::X224, budget, || {
-                    Finding::new(Cause::X224Timeout, "the target accepted TCP but sent no X.224 Connection Confirm before the stage deadline")
-                        .with("timeout_ms", self.cfg.x224_timeout.as_millis())
+                    Finding::new(
+                        Cause::X224Timeout,
+                        "the target accepted TCP but sent no X.224 Connection Confirm before the stage deadline",
+                    )
+                    .with("timeout_ms", self.cfg.x224_timeout.as_millis())
                 });
-                a.stages.push(record(Stage::X224, StageStatus::Failed, off, &clock, "timed out"));
+                a.stages
+                    .push(record(Stage::X224, StageStatus::Failed, off, &clock, "timed out"));
                 a.rest_not_run(budget, &[Stage::Tls], "X.224 negotiation failed");
                 return a;
             }
@@ -368,7 +535,8 @@ impl Prober {
         let (config, verifier) = match tls::client_config(&self.provider) {
             Ok(c) => c,
             Err(e) => {
-                a.findings.push(Finding::new(Cause::TlsAlert, "the TLS client could not be configured").with("tls_error", e));
+                a.findings
+                    .push(Finding::new(Cause::TlsAlert, "the TLS client could not be configured").with("tls_error", e));
                 a.failure = Some(Cause::TlsAlert);
                 return a;
             }
@@ -385,13 +553,28 @@ impl Prober {
         let seen = recorder.seen();
         let connector = tokio_rustls::TlsConnector::from(config);
         let t0 = Instant::now();
-        match budget.run(self.cfg.tls_timeout, connector.connect(server_name, recorder)).await {
+        match budget
+            .run(self.cfg.tls_timeout, connector.connect(server_name, recorder))
+            .await
+        {
             Ok(Ok(tls_stream)) => {
                 let (_, conn) = tls_stream.get_ref();
-                a.tls_version = conn.protocol_version().map(|v| tls::version_name(u16::from(v))).unwrap_or_default();
-                a.cipher = conn.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())).unwrap_or_default();
+                a.tls_version = conn
+                    .protocol_version()
+                    .map(|v| tls::version_name(u16::from(v)))
+                    .unwrap_or_default();
+                a.cipher = conn
+                    .negotiated_cipher_suite()
+                    .map(|c| format!("{:?}", c.suite()))
+                    .unwrap_or_default();
                 a.chain = verifier.chain();
-                a.stages.push(record(Stage::Tls, StageStatus::Ok, off, &clock, format!("{} {}", a.tls_version, a.cipher)));
+                a.stages.push(record(
+                    Stage::Tls,
+                    StageStatus::Ok,
+                    off,
+                    &clock,
+                    format!("{} {}", a.tls_version, a.cipher),
+                ));
                 a.tls = Some(tls_stream);
             }
             Ok(Err(e)) => {
@@ -402,35 +585,54 @@ impl Prober {
                 }
                 a.failure = Some(f.cause);
                 a.findings.push(f);
-                a.stages.push(record(Stage::Tls, StageStatus::Failed, off, &clock, e.to_string()));
+                a.stages
+                    .push(record(Stage::Tls, StageStatus::Failed, off, &clock, e.to_string()));
             }
             Err(which) => {
                 a.chain = verifier.chain();
                 let waited = t0.elapsed().as_millis() as u64;
                 let x224_ms = a.x224_rtt.map_or(0, |d| d.as_millis() as u64);
-                a.expired(which, Stage::Tls, budget, || tls::classify_stall(&seen.first(), seen.total(), x224_ms, waited));
-                a.stages.push(record(Stage::Tls, StageStatus::Failed, off, &clock, "timed out"));
+                a.expired(which, Stage::Tls, budget, || {
+                    tls::classify_stall(&seen.first(), seen.total(), x224_ms, waited)
+                });
+                a.stages
+                    .push(record(Stage::Tls, StageStatus::Failed, off, &clock, "timed out"));
             }
         }
         a
     }
 
-    fn judge_confirm(&self, req: &ProbeRequest, pdu: x224::ServerPdu, bytes: &[u8], a: &mut Attempt) -> (Option<Finding>, String) {
+    fn judge_confirm(
+        &self,
+        req: &ProbeRequest,
+        pdu: x224::ServerPdu,
+        bytes: &[u8],
+        a: &mut Attempt,
+    ) -> (Option<Finding>, String) {
         use x224::{Confirm, ServerPdu};
         let raw = bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
         match pdu {
             ServerPdu::Disconnect { reason } => (
                 Some(
-                    Finding::new(Cause::X224Closed, "the target answered the connection request with an X.224 Disconnect Request")
-                        .with("dr_reason", reason.map_or("none".into(), |r| r.to_string()))
-                        .with("confirm_bytes", raw),
+                    Finding::new(
+                        Cause::X224Closed,
+                        "the target answered the connection request with an X.224 Disconnect Request",
+                    )
+                    .with("dr_reason", reason.map_or("none".into(), |r| r.to_string()))
+                    .with("confirm_bytes", raw),
                 ),
                 "disconnect request".into(),
             ),
             ServerPdu::Confirm(Confirm::Legacy) => {
                 a.selected = Some(x224::protocol::RDP);
                 (
-                    Some(Finding::new(Cause::NegLegacyServer, "the target answered without negotiation data: Standard RDP Security only").with("confirm_bytes", raw)),
+                    Some(
+                        Finding::new(
+                            Cause::NegLegacyServer,
+                            "the target answered without negotiation data: Standard RDP Security only",
+                        )
+                        .with("confirm_bytes", raw),
+                    ),
                     "legacy confirm (no negotiation data)".into(),
                 )
             }
@@ -447,11 +649,14 @@ impl Prober {
                 };
                 (
                     Some(
-                        Finding::new(cause, format!("the target refused the negotiation: RDP_NEG_FAILURE {code} ({name})"))
-                            .with("failure_code", code)
-                            .with("failure_name", name)
-                            .with("flags", format!("0x{flags:02x}"))
-                            .with("requested_protocols", x224::protocol::names(req.requested)),
+                        Finding::new(
+                            cause,
+                            format!("the target refused the negotiation: RDP_NEG_FAILURE {code} ({name})"),
+                        )
+                        .with("failure_code", code)
+                        .with("failure_name", name)
+                        .with("flags", format!("0x{flags:02x}"))
+                        .with("requested_protocols", x224::protocol::names(req.requested)),
                     ),
                     format!("RDP_NEG_FAILURE {code}"),
                 )
@@ -464,10 +669,13 @@ impl Prober {
                     Ok(()) => (None, format!("{} selected", x224::protocol::name(selected))),
                     Err(d) => (
                         Some(
-                            Finding::new(Cause::NegSecurityDowngrade, format!("the target {d}: {}", x224::protocol::name(selected)))
-                                .with("requested_protocols", x224::protocol::names(req.requested))
-                                .with("selected_protocol", x224::protocol::name(selected))
-                                .with("minimum_protocol", minimum.map_or("none".into(), x224::protocol::name)),
+                            Finding::new(
+                                Cause::NegSecurityDowngrade,
+                                format!("the target {d}: {}", x224::protocol::name(selected)),
+                            )
+                            .with("requested_protocols", x224::protocol::names(req.requested))
+                            .with("selected_protocol", x224::protocol::name(selected))
+                            .with("minimum_protocol", minimum.map_or("none".into(), x224::protocol::name)),
                         ),
                         format!("{} selected", x224::protocol::name(selected)),
                     ),
@@ -479,7 +687,8 @@ impl Prober {
 
 impl Attempt {
     fn rest_not_run(&mut self, budget: &Budget, stages: &[Stage], why: &str) {
-        self.stages.extend(stages.iter().map(|s| not_run(*s, budget.elapsed(), why)));
+        self.stages
+            .extend(stages.iter().map(|s| not_run(*s, budget.elapsed(), why)));
     }
 
     fn expired(&mut self, which: Expired, stage: Stage, budget: &Budget, stage_finding: impl FnOnce() -> Finding) {
@@ -505,10 +714,13 @@ fn config_ip(name: &str) -> Option<std::net::IpAddr> {
 }
 
 fn policy_finding(host: &str, r: &crate::policy::Refusal) -> Finding {
-    Finding::new(Cause::PolicyTargetDenied, format!("the target is outside the plugin's target policy: {}", r.reason))
-        .with("host", host)
-        .with("refused", &r.subject)
-        .with("reason", r.reason)
+    Finding::new(
+        Cause::PolicyTargetDenied,
+        format!("the target is outside the plugin's target policy: {}", r.reason),
+    )
+    .with("host", host)
+    .with("refused", &r.subject)
+    .with("reason", r.reason)
 }
 
 fn join(addrs: &[SocketAddr]) -> String {
@@ -532,18 +744,33 @@ async fn connect_any(addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr, Dur
             Err(e) => last = Some((*addr, e)),
         }
     }
-    Err(last.unwrap_or_else(|| (SocketAddr::from(([0, 0, 0, 0], 0)), io::Error::new(io::ErrorKind::NotFound, "no address to connect to"))))
+    Err(last.unwrap_or_else(|| {
+        (
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+            io::Error::new(io::ErrorKind::NotFound, "no address to connect to"),
+        )
+    }))
 }
 
 fn tcp_finding(addr: SocketAddr, e: &io::Error) -> Finding {
     let (cause, msg) = match e.kind() {
-        io::ErrorKind::ConnectionRefused => (Cause::TcpRefused, "the target refused the TCP connection: nothing listens on the port"),
+        io::ErrorKind::ConnectionRefused => (
+            Cause::TcpRefused,
+            "the target refused the TCP connection: nothing listens on the port",
+        ),
         io::ErrorKind::TimedOut => (Cause::TcpTimeout, "the TCP connect timed out"),
-        _ => (Cause::TcpUnreachable, "the target is unreachable (no route, ICMP unreachable or network down)"),
+        _ => (
+            Cause::TcpUnreachable,
+            "the target is unreachable (no route, ICMP unreachable or network down)",
+        ),
     };
     Finding::new(cause, msg)
         .with("address", addr)
-        .with("os_error", e.raw_os_error().map_or_else(|| format!("{:?}", e.kind()), |c| c.to_string()))
+        .with(
+            "os_error",
+            e.raw_os_error()
+                .map_or_else(|| format!("{:?}", e.kind()), |c| c.to_string()),
+        )
         .with("error", e)
 }
 
@@ -558,22 +785,43 @@ enum X224Error {
 
 impl X224Error {
     fn finding(&self) -> Finding {
-        let hex = |b: &[u8]| b.iter().take(32).map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ");
+        let hex = |b: &[u8]| {
+            b.iter()
+                .take(32)
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
         match self {
-            X224Error::Closed { got, error } => Finding::new(Cause::X224Closed, "the target accepted TCP, then closed the connection before an X.224 Connection Confirm")
-                .with("bytes_received", got.len())
-                .with("how", error.as_ref().map_or("FIN".to_owned(), |e| format!("{:?}", e.kind()))),
-            X224Error::NotRdp(e, got) => Finding::new(Cause::X224NotRdp, "the reply is not an X.224 Connection Confirm: another service answers on this port")
-                .with("decode_error", e)
-                .with("first_bytes", hex(got))
-                .with("first_bytes_text", String::from_utf8_lossy(&got[..got.len().min(32)]).escape_debug()),
+            X224Error::Closed { got, error } => Finding::new(
+                Cause::X224Closed,
+                "the target accepted TCP, then closed the connection before an X.224 Connection Confirm",
+            )
+            .with("bytes_received", got.len())
+            .with(
+                "how",
+                error.as_ref().map_or("FIN".to_owned(), |e| format!("{:?}", e.kind())),
+            ),
+            X224Error::NotRdp(e, got) => Finding::new(
+                Cause::X224NotRdp,
+                "the reply is not an X.224 Connection Confirm: another service answers on this port",
+            )
+            .with("decode_error", e)
+            .with("first_bytes", hex(got))
+            .with(
+                "first_bytes_text",
+                String::from_utf8_lossy(&got[..got.len().min(32)]).escape_debug(),
+            ),
         }
     }
 }
 
 /// Sends the Connection Request and reads until the decoder has a whole answer.
 async fn exchange_x224(stream: &mut TcpStream, cr: &[u8]) -> Result<(x224::ServerPdu, Vec<u8>), X224Error> {
-    stream.write_all(cr).await.map_err(|e| X224Error::Closed { got: Vec::new(), error: Some(e) })?;
+    stream.write_all(cr).await.map_err(|e| X224Error::Closed {
+        got: Vec::new(),
+        error: Some(e),
+    })?;
     let mut buf = Vec::with_capacity(32);
     let mut chunk = [0u8; 512];
     loop {
@@ -593,7 +841,12 @@ async fn exchange_x224(stream: &mut TcpStream, cr: &[u8]) -> Result<(x224::Serve
         match stream.read(&mut chunk[..want]).await {
             Ok(0) => return Err(X224Error::Closed { got: buf, error: None }),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(X224Error::Closed { got: buf, error: Some(e) }),
+            Err(e) => {
+                return Err(X224Error::Closed {
+                    got: buf,
+                    error: Some(e),
+                })
+            }
         }
     }
 }

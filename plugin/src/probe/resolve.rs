@@ -23,9 +23,12 @@ impl ResolveError {
     /// The finding for this error.
     pub fn finding(&self, host: &str) -> Finding {
         match self {
-            ResolveError::NotFound(d) => Finding::new(Cause::ResolveNameNotFound, format!("{host:?} does not resolve: no such name or no A/AAAA records"))
-                .with("host", host)
-                .with("resolver_error", d),
+            ResolveError::NotFound(d) => Finding::new(
+                Cause::ResolveNameNotFound,
+                format!("{host:?} does not resolve: no such name or no A/AAAA records"),
+            )
+            .with("host", host)
+            .with("resolver_error", d),
             ResolveError::Failed(d) => Finding::new(Cause::ResolveFailed, format!("the resolver failed for {host:?}"))
                 .with("host", host)
                 .with("resolver_error", d),
@@ -48,7 +51,10 @@ pub async fn resolve(host: &str, port: u16) -> Result<(Vec<SocketAddr>, bool), R
     }
     let h = host.to_owned();
     let res = tokio::task::spawn_blocking(move || {
-        let hints = AddrInfoHints { socktype: libc_sock_stream(), ..AddrInfoHints::default() };
+        let hints = AddrInfoHints {
+            socktype: libc_sock_stream(),
+            ..AddrInfoHints::default()
+        };
         match dns_lookup::getaddrinfo(Some(&h), None, Some(hints)) {
             Ok(iter) => {
                 let mut out: Vec<SocketAddr> = Vec::new();
@@ -102,10 +108,25 @@ mod tests {
 
     #[test]
     fn error_kinds() {
-        assert!(matches!(classify(LookupErrorKind::NoName, String::new()), ResolveError::NotFound(_)));
-        assert!(matches!(classify(LookupErrorKind::NoData, String::new()), ResolveError::NotFound(_)));
-        assert!(matches!(classify(LookupErrorKind::Again, String::new()), ResolveError::Failed(_)));
-        assert!(matches!(classify(LookupErrorKind::Fail, String::new()), ResolveError::Failed(_)));
-        assert_eq!(classify(LookupErrorKind::NoName, String::new()).finding("x").cause, Cause::ResolveNameNotFound);
+        assert!(matches!(
+            classify(LookupErrorKind::NoName, String::new()),
+            ResolveError::NotFound(_)
+        ));
+        assert!(matches!(
+            classify(LookupErrorKind::NoData, String::new()),
+            ResolveError::NotFound(_)
+        ));
+        assert!(matches!(
+            classify(LookupErrorKind::Again, String::new()),
+            ResolveError::Failed(_)
+        ));
+        assert!(matches!(
+            classify(LookupErrorKind::Fail, String::new()),
+            ResolveError::Failed(_)
+        ));
+        assert_eq!(
+            classify(LookupErrorKind::NoName, String::new()).finding("x").cause,
+            Cause::ResolveNameNotFound
+        );
     }
 }

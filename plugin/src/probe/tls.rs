@@ -59,7 +59,10 @@ pub struct Recorder<S> {
 impl<S> Recorder<S> {
     /// Wraps a stream.
     pub fn new(inner: S) -> Self {
-        Recorder { inner, seen: Arc::default() }
+        Recorder {
+            inner,
+            seen: Arc::default(),
+        }
     }
 
     /// What has been read, shared.
@@ -114,7 +117,10 @@ pub struct CaptureVerifier {
 impl CaptureVerifier {
     /// A verifier using `provider`'s signature algorithms.
     pub fn new(provider: Arc<CryptoProvider>) -> Self {
-        CaptureVerifier { provider, chain: Mutex::new(Vec::new()) }
+        CaptureVerifier {
+            provider,
+            chain: Mutex::new(Vec::new()),
+        }
     }
 
     /// The chain the server sent (end entity first); empty before the Certificate message.
@@ -165,7 +171,9 @@ impl ServerCertVerifier for CaptureVerifier {
 }
 
 /// A client config for one connection, with its own capturing verifier.
-pub fn client_config(provider: &Arc<CryptoProvider>) -> Result<(Arc<rustls::ClientConfig>, Arc<CaptureVerifier>), rustls::Error> {
+pub fn client_config(
+    provider: &Arc<CryptoProvider>,
+) -> Result<(Arc<rustls::ClientConfig>, Arc<CaptureVerifier>), rustls::Error> {
     let verifier = Arc::new(CaptureVerifier::new(provider.clone()));
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
@@ -223,7 +231,11 @@ pub fn first_record(b: &[u8]) -> FirstRecord {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().take(16).map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
+    b.iter()
+        .take(16)
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Classifies a failed handshake into a 4xx finding.
@@ -244,8 +256,11 @@ pub fn classify_failure(err: &io::Error, first: &[u8], total: u64) -> Finding {
     if let FirstRecord::ServerHello(v) = rec {
         if v < 0x0303 {
             return evidence(
-                Finding::new(Cause::TlsVersionMismatch, format!("the server only speaks {}", version_name(v)))
-                    .with("server_version", version_name(v)),
+                Finding::new(
+                    Cause::TlsVersionMismatch,
+                    format!("the server only speaks {}", version_name(v)),
+                )
+                .with("server_version", version_name(v)),
             );
         }
     }
@@ -258,20 +273,33 @@ pub fn classify_failure(err: &io::Error, first: &[u8], total: u64) -> Finding {
         let desc = AlertDescription::from(code);
         let name = format!("{desc:?}");
         let (cause, msg) = match desc {
-            AlertDescription::ProtocolVersion => (Cause::TlsVersionMismatch, "the server refused every TLS version offered (protocol_version alert)".to_owned()),
-            AlertDescription::HandshakeFailure | AlertDescription::InsufficientSecurity => {
-                (Cause::TlsNoSharedCipher, format!("the server shares no cipher suite or group with the plugin ({name} alert)"))
-            }
-            _ => (Cause::TlsAlert, format!("the server aborted the TLS handshake with a fatal {name} alert")),
+            AlertDescription::ProtocolVersion => (
+                Cause::TlsVersionMismatch,
+                "the server refused every TLS version offered (protocol_version alert)".to_owned(),
+            ),
+            AlertDescription::HandshakeFailure | AlertDescription::InsufficientSecurity => (
+                Cause::TlsNoSharedCipher,
+                format!("the server shares no cipher suite or group with the plugin ({name} alert)"),
+            ),
+            _ => (
+                Cause::TlsAlert,
+                format!("the server aborted the TLS handshake with a fatal {name} alert"),
+            ),
         };
         return evidence(Finding::new(cause, msg).with("alert", code).with("alert_name", name));
     }
     if rec == FirstRecord::NotTls {
-        return evidence(Finding::new(Cause::TlsProtocolError, "the server answered the ClientHello with bytes that are not TLS"));
+        return evidence(Finding::new(
+            Cause::TlsProtocolError,
+            "the server answered the ClientHello with bytes that are not TLS",
+        ));
     }
     let closed = matches!(
         err.kind(),
-        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
     );
     if closed {
         let msg = if total == 0 {
@@ -282,14 +310,28 @@ pub fn classify_failure(err: &io::Error, first: &[u8], total: u64) -> Finding {
         return evidence(Finding::new(Cause::TlsClosedDuringHandshake, msg).with("io_error", err.kind()));
     }
     match tls_err {
-        Some(e @ (rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } | rustls::Error::InappropriateHandshakeMessage { .. })) => {
-            evidence(Finding::new(Cause::TlsProtocolError, "the server's TLS messages are malformed").with("tls_error", e))
-        }
+        Some(
+            e @ (rustls::Error::InvalidMessage(_)
+            | rustls::Error::InappropriateMessage { .. }
+            | rustls::Error::InappropriateHandshakeMessage { .. }),
+        ) => evidence(
+            Finding::new(Cause::TlsProtocolError, "the server's TLS messages are malformed").with("tls_error", e),
+        ),
         Some(rustls::Error::PeerIncompatible(p)) => evidence(
-            Finding::new(Cause::TlsVersionMismatch, "the server's TLS parameters are incompatible with TLS 1.2/1.3").with("tls_error", format!("{p:?}")),
+            Finding::new(
+                Cause::TlsVersionMismatch,
+                "the server's TLS parameters are incompatible with TLS 1.2/1.3",
+            )
+            .with("tls_error", format!("{p:?}")),
         ),
         Some(e) => evidence(Finding::new(Cause::TlsAlert, "the TLS handshake failed").with("tls_error", e)),
-        None => evidence(Finding::new(Cause::TlsClosedDuringHandshake, "the TLS handshake failed on the socket").with("io_error", err)),
+        None => evidence(
+            Finding::new(
+                Cause::TlsClosedDuringHandshake,
+                "the TLS handshake failed on the socket",
+            )
+            .with("io_error", err),
+        ),
     }
 }
 
@@ -305,7 +347,10 @@ pub fn classify_stall(first: &[u8], total: u64, x224_rtt_ms: u64, waited_ms: u64
         Finding { message: format!("the server's TLS flight stopped after {total} bytes while the small X.224 exchange took {x224_rtt_ms} ms: path-MTU black hole suspected (VPN/MTU mismatch)"), ..base }
             .with("mtu_black_hole_suspected", true)
     } else {
-        Finding { message: "the server's TLS flight never arrived".to_owned(), ..base }
+        Finding {
+            message: "the server's TLS flight never arrived".to_owned(),
+            ..base
+        }
     }
 }
 
@@ -322,9 +367,15 @@ mod tests {
         assert_eq!(first_record(&[]), FirstRecord::Nothing);
         // X.224 DR in place of a ServerHello.
         let dr = [0x03, 0x00, 0x00, 0x0b, 0x06, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00];
-        assert_eq!(first_record(&dr), FirstRecord::Tpkt(Some(x224::ServerPdu::Disconnect { reason: Some(0) })));
+        assert_eq!(
+            first_record(&dr),
+            FirstRecord::Tpkt(Some(x224::ServerPdu::Disconnect { reason: Some(0) }))
+        );
         // Fatal handshake_failure alert.
-        assert_eq!(first_record(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]), FirstRecord::Alert(2, 40));
+        assert_eq!(
+            first_record(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]),
+            FirstRecord::Alert(2, 40)
+        );
         // TLS 1.0 ServerHello: record v1.0, handshake type 2, length, server_version 03 01.
         let sh10 = [0x16, 0x03, 0x01, 0x00, 0x2a, 0x02, 0x00, 0x00, 0x26, 0x03, 0x01, 0xaa];
         assert_eq!(first_record(&sh10), FirstRecord::ServerHello(0x0301));
@@ -334,8 +385,14 @@ mod tests {
     #[test]
     fn classification() {
         let dr = [0x03, 0x00, 0x00, 0x0b, 0x06, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00];
-        assert_eq!(classify_failure(&err_eof(), &dr, 11).cause, Cause::TlsClosedDuringHandshake);
-        assert_eq!(classify_failure(&err_eof(), &[], 0).cause, Cause::TlsClosedDuringHandshake);
+        assert_eq!(
+            classify_failure(&err_eof(), &dr, 11).cause,
+            Cause::TlsClosedDuringHandshake
+        );
+        assert_eq!(
+            classify_failure(&err_eof(), &[], 0).cause,
+            Cause::TlsClosedDuringHandshake
+        );
         let reset = io::Error::from(io::ErrorKind::ConnectionReset);
         assert_eq!(classify_failure(&reset, &[], 0).cause, Cause::TlsClosedDuringHandshake);
         let sh10 = [0x16, 0x03, 0x01, 0x00, 0x2a, 0x02, 0x00, 0x00, 0x26, 0x03, 0x01];
@@ -344,7 +401,10 @@ mod tests {
         assert!(f.evidence.contains(&("server_version".into(), "TLSv1.0".into())));
         let alert = |d: u8| {
             let rec = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, d];
-            let e = io::Error::new(io::ErrorKind::InvalidData, rustls::Error::AlertReceived(AlertDescription::from(d)));
+            let e = io::Error::new(
+                io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(AlertDescription::from(d)),
+            );
             classify_failure(&e, &rec, 7)
         };
         assert_eq!(alert(40).cause, Cause::TlsNoSharedCipher);

@@ -236,7 +236,11 @@ pub enum DecodeError {
 }
 
 fn hex_prefix(b: &[u8]) -> String {
-    b.iter().take(16).map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
+    b.iter()
+        .take(16)
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Decodes the server's answer to a Connection Request from the bytes read so far.
@@ -246,8 +250,16 @@ pub fn decode_server_pdu(buf: &[u8]) -> Result<Decoded, DecodeError> {
     // TPKT header: version 3, reserved 0, length big-endian.
     match buf {
         [] => return Ok(Decoded::Incomplete(TPKT_HEADER_LEN)),
-        [v, ..] if *v != TPKT_VERSION => return Err(DecodeError::NotTpkt { first_bytes: hex_prefix(buf) }),
-        [_, r, ..] if *r != 0 => return Err(DecodeError::NotTpkt { first_bytes: hex_prefix(buf) }),
+        [v, ..] if *v != TPKT_VERSION => {
+            return Err(DecodeError::NotTpkt {
+                first_bytes: hex_prefix(buf),
+            })
+        }
+        [_, r, ..] if *r != 0 => {
+            return Err(DecodeError::NotTpkt {
+                first_bytes: hex_prefix(buf),
+            })
+        }
         _ if buf.len() < TPKT_HEADER_LEN => return Ok(Decoded::Incomplete(TPKT_HEADER_LEN)),
         _ => {}
     }
@@ -269,7 +281,12 @@ pub fn decode_server_pdu(buf: &[u8]) -> Result<Decoded, DecodeError> {
     match code {
         TPDU_CC => decode_confirm(pdu).map(|c| Decoded::Complete(ServerPdu::Confirm(c), len)),
         // DR: code | dst-ref(2) | src-ref(2) | reason(1)
-        TPDU_DR => Ok(Decoded::Complete(ServerPdu::Disconnect { reason: pdu.get(10).copied() }, len)),
+        TPDU_DR => Ok(Decoded::Complete(
+            ServerPdu::Disconnect {
+                reason: pdu.get(10).copied(),
+            },
+            len,
+        )),
         _ => Err(DecodeError::UnexpectedTpdu(pdu[5])),
     }
 }
@@ -398,16 +415,37 @@ mod tests {
         assert_eq!(usize::from(got[4]), got.len() - 5);
         assert_eq!(&got[11..11 + cookie.len()], cookie);
         assert_eq!(&got[got.len() - 8..], &[0x01, 0x00, 0x08, 0x00, 0x01, 0x00, 0x00, 0x00]);
-        assert_eq!(encode_connection_request(Some("a b"), 1), Err(EncodeError::CookieNotPrintable));
-        assert!(matches!(encode_connection_request(Some(&"x".repeat(65)), 1), Err(EncodeError::CookieTooLong(65))));
+        assert_eq!(
+            encode_connection_request(Some("a b"), 1),
+            Err(EncodeError::CookieNotPrintable)
+        );
+        assert!(matches!(
+            encode_connection_request(Some(&"x".repeat(65)), 1),
+            Err(EncodeError::CookieTooLong(65))
+        ));
     }
 
     #[test]
     fn golden_confirms() {
         let c = |b: &[u8]| decode_server_pdu(b).expect("decodes");
-        assert_eq!(c(&CC_HYBRID), Decoded::Complete(ServerPdu::Confirm(Confirm::Negotiated { flags: 0x1f, selected: 2 }), 19));
-        assert_eq!(c(&CC_FAILURE_3), Decoded::Complete(ServerPdu::Confirm(Confirm::Failure { flags: 0, code: 3 }), 19));
-        assert_eq!(c(&CC_LEGACY), Decoded::Complete(ServerPdu::Confirm(Confirm::Legacy), 11));
+        assert_eq!(
+            c(&CC_HYBRID),
+            Decoded::Complete(
+                ServerPdu::Confirm(Confirm::Negotiated {
+                    flags: 0x1f,
+                    selected: 2
+                }),
+                19
+            )
+        );
+        assert_eq!(
+            c(&CC_FAILURE_3),
+            Decoded::Complete(ServerPdu::Confirm(Confirm::Failure { flags: 0, code: 3 }), 19)
+        );
+        assert_eq!(
+            c(&CC_LEGACY),
+            Decoded::Complete(ServerPdu::Confirm(Confirm::Legacy), 11)
+        );
         assert_eq!(c(&DR), Decoded::Complete(ServerPdu::Disconnect { reason: Some(0) }, 11));
     }
 
@@ -418,7 +456,10 @@ mod tests {
         b[15..19].copy_from_slice(&0x0000_0063u32.to_le_bytes());
         assert_eq!(
             decode_server_pdu(&b),
-            Ok(Decoded::Complete(ServerPdu::Confirm(Confirm::Failure { flags: 0xa5, code: 99 }), 19))
+            Ok(Decoded::Complete(
+                ServerPdu::Confirm(Confirm::Failure { flags: 0xa5, code: 99 }),
+                19
+            ))
         );
     }
 
@@ -433,19 +474,36 @@ mod tests {
     fn garbage_is_rejected_at_the_first_byte() {
         assert!(matches!(decode_server_pdu(b"H"), Err(DecodeError::NotTpkt { .. })));
         let e = decode_server_pdu(b"HTTP/1.1 400 Bad Request\r\n").expect_err("garbage");
-        assert_eq!(e, DecodeError::NotTpkt { first_bytes: "48 54 54 50 2f 31 2e 31 20 34 30 30 20 42 61 64".into() });
-        assert!(matches!(decode_server_pdu(&[0x03, 0x01]), Err(DecodeError::NotTpkt { .. })));
+        assert_eq!(
+            e,
+            DecodeError::NotTpkt {
+                first_bytes: "48 54 54 50 2f 31 2e 31 20 34 30 30 20 42 61 64".into()
+            }
+        );
+        assert!(matches!(
+            decode_server_pdu(&[0x03, 0x01]),
+            Err(DecodeError::NotTpkt { .. })
+        ));
         // A TLS record where a confirm should be.
-        assert!(matches!(decode_server_pdu(&[0x16, 0x03, 0x01, 0x00]), Err(DecodeError::NotTpkt { .. })));
+        assert!(matches!(
+            decode_server_pdu(&[0x16, 0x03, 0x01, 0x00]),
+            Err(DecodeError::NotTpkt { .. })
+        ));
     }
 
     #[test]
     fn malformed_confirms() {
         assert_eq!(decode_server_pdu(&[3, 0, 0, 5, 0]), Err(DecodeError::BadTpktLength(5)));
-        assert_eq!(decode_server_pdu(&[3, 0, 0xff, 0xff]), Err(DecodeError::BadTpktLength(65535)));
+        assert_eq!(
+            decode_server_pdu(&[3, 0, 0xff, 0xff]),
+            Err(DecodeError::BadTpktLength(65535))
+        );
         let mut b = CC_HYBRID;
         b[4] = 0x0d;
-        assert_eq!(decode_server_pdu(&b), Err(DecodeError::BadLengthIndicator { li: 0x0d, tpkt_len: 19 }));
+        assert_eq!(
+            decode_server_pdu(&b),
+            Err(DecodeError::BadLengthIndicator { li: 0x0d, tpkt_len: 19 })
+        );
         let mut b = CC_HYBRID;
         b[5] = 0xf0; // DT TPDU
         assert_eq!(decode_server_pdu(&b), Err(DecodeError::UnexpectedTpdu(0xf0)));
@@ -490,8 +548,14 @@ mod tests {
         assert_eq!(judge_selection(SSL | HYBRID, SSL, None), Ok(()));
         assert_eq!(judge_selection(SSL | HYBRID, RDP, None), Err(Downgrade::NotRequested));
         assert_eq!(judge_selection(SSL, HYBRID, None), Err(Downgrade::NotRequested));
-        assert_eq!(judge_selection(SSL | HYBRID, SSL | HYBRID, None), Err(Downgrade::NotRequested));
-        assert_eq!(judge_selection(SSL | HYBRID, SSL, Some(HYBRID)), Err(Downgrade::BelowMinimum));
+        assert_eq!(
+            judge_selection(SSL | HYBRID, SSL | HYBRID, None),
+            Err(Downgrade::NotRequested)
+        );
+        assert_eq!(
+            judge_selection(SSL | HYBRID, SSL, Some(HYBRID)),
+            Err(Downgrade::BelowMinimum)
+        );
         assert_eq!(judge_selection(RDP, RDP, None), Ok(()));
         assert_eq!(protocol::names(SSL | HYBRID), "SSL|HYBRID");
     }

@@ -1,0 +1,528 @@
+//! Command line: `serve`, `check`, `config check`, `--version`.
+//!
+//! Exit status of `check`: 0 allow (also with warnings), 3 deny, 2 usage or config error,
+//! 1 internal error.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    cause::Severity,
+    check::{CheckInput, Checker},
+    config::{self, Config, FileConfig},
+    probe::x224::protocol,
+    report::{Report, StageStatus, Verdict},
+    secret::{Credential, Password},
+};
+
+/// Exit status for a DENY verdict.
+pub const EXIT_DENY: u8 = 3;
+/// Exit status for usage and configuration errors.
+pub const EXIT_USAGE: u8 = 2;
+
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\nproto: preflight.v1",
+    "\ntls: rustls (ring provider), TLS 1.2 and 1.3",
+    "\ntarget: ",
+    env!("PREFLIGHT_BUILD_TARGET"),
+    "\nprofile: ",
+    env!("PREFLIGHT_BUILD_PROFILE"),
+);
+
+#[derive(Parser, Debug)]
+#[command(name = "rdp-preflight", version, long_version = LONG_VERSION, about = "Pre-session RDP target and credential checks for PAM gateways")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the gRPC server (Preflight, grpc.health.v1, reflection).
+    Serve {
+        /// TOML config file (embedded defaults when absent).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address, overriding server.listen.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Allow loopback targets (test fleets, local tunnels).
+        #[arg(long)]
+        allow_loopback: bool,
+    },
+    /// Run one check in-process and print the report.
+    Check(Box<CheckArgs>),
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate a config file and print the effective configuration (secrets redacted).
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    /// Target host name or IP literal.
+    #[arg(long)]
+    host: String,
+    /// Target port (default from config, 3389).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Name the certificate must carry (default: --host).
+    #[arg(long)]
+    expected_name: Option<String>,
+    /// Computer name the NLA challenge must name.
+    #[arg(long)]
+    expected_computer: Option<String>,
+    /// PEM trust anchors for the target certificate (repeatable; adds to the config's).
+    #[arg(long = "trust-anchor")]
+    trust_anchors: Vec<PathBuf>,
+    /// Requested protocols, comma-separated: rdp, ssl, hybrid, hybrid_ex, rdstls, rdsaad.
+    #[arg(long, value_delimiter = ',')]
+    protocols: Vec<String>,
+    /// Weakest protocol the server may select.
+    #[arg(long)]
+    min_protocol: Option<String>,
+    /// TOML config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the report as proto3 JSON.
+    #[arg(long)]
+    json: bool,
+    /// Allow loopback targets.
+    #[arg(long)]
+    allow_loopback: bool,
+    /// Check budget in milliseconds (default from config).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Pin store: auto, memory, off or a file path (overrides cert.pin_store).
+    #[arg(long)]
+    pin_store: Option<String>,
+    /// Target account (sAMAccountName, UPN or the {user} of a DN template).
+    #[arg(long)]
+    user: Option<String>,
+    /// Target account's domain.
+    #[arg(long)]
+    domain: Option<String>,
+    /// Environment variable holding the password (never pass a password on the command line).
+    #[arg(long, conflicts_with = "password_file")]
+    password_env: Option<String>,
+    /// File holding the password (trailing newline ignored).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// Directory server URL, ldaps:// or ldap:// (repeatable, tried in order; overrides config).
+    #[arg(long = "directory")]
+    directories: Vec<String>,
+    /// PEM trust anchors for the directory's certificate.
+    #[arg(long)]
+    directory_ca: Option<PathBuf>,
+    /// Bind identity: upn, downlevel, dn:TEMPLATE or search.
+    #[arg(long)]
+    bind_as: Option<String>,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            allow_loopback,
+        } => serve(config.as_deref(), listen, allow_loopback),
+        Command::Check(args) => check(*args),
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => config_check(&file),
+    }
+}
+
+fn usage(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("rdp-preflight: {msg}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("rdp-preflight: runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// Initialises `tracing` (stderr; JSON when configured). `RUST_LOG` wins over the config.
+pub fn init_tracing(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if cfg.log_json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+fn serve(path: Option<&Path>, listen: Option<String>, allow_loopback: bool) -> ExitCode {
+    let mut file = match FileConfig::load(path) {
+        Ok(f) => f,
+        Err(e) => return usage(e),
+    };
+    if let Some(l) = listen {
+        file.server.listen = l;
+    }
+    file.policy.allow_loopback |= allow_loopback;
+    let cfg = match file.validate() {
+        Ok(c) => Arc::new(c),
+        Err(e) => return usage(e),
+    };
+    init_tracing(&cfg);
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(c) => return c,
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("rdp-preflight: cannot listen on {}: {e}", cfg.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        let addr = listener
+            .local_addr()
+            .map_or_else(|_| cfg.listen.to_string(), |a| a.to_string());
+        tracing::info!(listen = %addr, version = env!("CARGO_PKG_VERSION"), "serving preflight.v1");
+        // Machine-readable line for supervisors and tests that bind port 0.
+        println!("listening on {addr}");
+        let _ = std::io::stdout().flush();
+        match crate::run(cfg, listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rdp-preflight: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+fn read_password(args: &CheckArgs) -> Result<Option<Password>, String> {
+    if let Some(var) = &args.password_env {
+        return std::env::var(var)
+            .map(|p| Some(Password::new(p)))
+            .map_err(|_| format!("--password-env: environment variable {var} is not set"));
+    }
+    if let Some(path) = &args.password_file {
+        let s = std::fs::read_to_string(path).map_err(|e| format!("--password-file {}: {e}", path.display()))?;
+        let s = s
+            .strip_suffix('\n')
+            .map(|s| s.strip_suffix('\r').unwrap_or(s))
+            .unwrap_or(&s)
+            .to_owned();
+        return Ok(Some(Password::new(s)));
+    }
+    Ok(None)
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let mut file = match FileConfig::load(args.config.as_deref()) {
+        Ok(f) => f,
+        Err(e) => return usage(e),
+    };
+    file.policy.allow_loopback |= args.allow_loopback;
+    file.cert.trust_anchors.extend(args.trust_anchors.iter().cloned());
+    if let Some(p) = &args.pin_store {
+        file.cert.pin_store = p.clone();
+    }
+    if !args.directories.is_empty() {
+        file.directory.servers = args.directories.clone();
+    }
+    if let Some(ca) = &args.directory_ca {
+        file.directory.ca_file = Some(ca.clone());
+    }
+    if let Some(b) = &args.bind_as {
+        file.directory.bind_as = b.clone();
+    }
+    let cfg = match file.validate() {
+        Ok(c) => Arc::new(c),
+        Err(e) => return usage(e),
+    };
+    init_tracing(&cfg);
+    let password = match read_password(&args) {
+        Ok(p) => p,
+        Err(e) => return usage(e),
+    };
+    let credential = match (&args.user, password) {
+        (Some(u), Some(p)) => Some(Credential {
+            username: u.clone(),
+            domain: args.domain.clone().unwrap_or_default(),
+            password: p,
+        }),
+        // A user without a password is checked as CRED_MISSING, never as an empty bind.
+        (Some(u), None) => Some(Credential {
+            username: u.clone(),
+            domain: args.domain.clone().unwrap_or_default(),
+            password: Password::new(String::new()),
+        }),
+        (None, Some(_)) => return usage("--password-env/--password-file need --user"),
+        (None, None) => None,
+    };
+    let mut requested = 0;
+    for p in &args.protocols {
+        match config::parse_protocol(p) {
+            Some(v) => requested |= v,
+            None => return usage(format!("--protocols: unknown protocol {p:?}")),
+        }
+    }
+    if args.protocols.is_empty() {
+        requested = cfg.default_protocols;
+    }
+    let minimum = match &args.min_protocol {
+        Some(p) => match config::parse_protocol(p) {
+            Some(v) => Some(v),
+            None => return usage(format!("--min-protocol: unknown protocol {p:?}")),
+        },
+        None => cfg.minimum_protocol,
+    };
+    let input = CheckInput {
+        request_id: format!("cli-{}", std::process::id()),
+        host: args.host.clone(),
+        port: args.port.unwrap_or(cfg.default_port),
+        expected_name: args.expected_name.clone().unwrap_or_else(|| args.host.clone()),
+        requested,
+        minimum,
+        expected_computer: args.expected_computer.clone().unwrap_or_default(),
+        credential,
+        requester_user: std::env::var("USER").unwrap_or_default(),
+        requester_source: "cli".into(),
+        budget: args.timeout_ms.map_or(cfg.default_budget, Duration::from_millis),
+    };
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(c) => return c,
+    };
+    let report = rt.block_on(async {
+        let checker = Checker::new(cfg.clone())?;
+        Ok::<_, String>(checker.check(input).await)
+    });
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => return usage(e),
+    };
+    if args.json {
+        match crate::service::report_json(&report, &cfg) {
+            Ok(j) => println!("{j}"),
+            Err(e) => {
+                eprintln!("rdp-preflight: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", render_table(&report));
+    }
+    match report.verdict {
+        Verdict::Deny => ExitCode::from(EXIT_DENY),
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+/// The readable report: summary, stages with timings, findings with evidence and remediation.
+pub fn render_table(r: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let t = &r.target;
+    let verdict = match r.verdict {
+        Verdict::Allow => "ALLOW",
+        Verdict::AllowWithWarnings => "ALLOW_WITH_WARNINGS",
+        Verdict::Deny => "DENY",
+    };
+    let _ = writeln!(s, "check {}  request {}", r.check_id, r.request_id);
+    let _ = writeln!(
+        s,
+        "target  {}:{}  verdict {verdict}  primary {} ({})  in {} ms",
+        t.host,
+        t.port,
+        r.primary_cause,
+        r.primary_cause.number(),
+        ms(r.duration)
+    );
+    if let Some(info) = r.primary_cause.info() {
+        let e = info.client_error();
+        if e.disconnect_reason != 0 {
+            let _ = writeln!(
+                s,
+                "client  would have shown {}: {} (FreeRDP ERRCONNECT_{})",
+                e.code, e.text, e.freerdp
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n{:<11} {:<8} {:>9} {:>9}  detail",
+        "stage", "status", "start ms", "took ms"
+    );
+    for st in &r.stages {
+        let status = match st.status {
+            StageStatus::Ok => "ok",
+            StageStatus::Failed => "FAILED",
+            StageStatus::Skipped => "skipped",
+            StageStatus::NotRun => "not run",
+        };
+        let _ = writeln!(
+            s,
+            "{:<11} {:<8} {:>9} {:>9}  {}",
+            st.stage.as_str(),
+            status,
+            ms(st.start),
+            ms(st.duration),
+            st.detail
+        );
+    }
+    if !r.findings.is_empty() {
+        let _ = writeln!(s, "\nfindings");
+        for (f, sev) in &r.findings {
+            let sev = match sev {
+                Severity::Deny => "DENY",
+                Severity::Warn => "warn",
+            };
+            let owner = f.cause.info().map_or("", |i| i.owner.as_str());
+            let _ = writeln!(
+                s,
+                "  [{sev}] {} {}  (stage {}, owner {owner})",
+                f.cause.number(),
+                f.cause,
+                f.stage
+            );
+            let _ = writeln!(s, "        {}", f.message);
+            if !f.evidence.is_empty() {
+                let ev = f
+                    .evidence
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("  ");
+                let _ = writeln!(s, "        evidence: {ev}");
+            }
+            if let Some(i) = f.cause.info() {
+                let _ = writeln!(s, "        fix: {}", i.remediation);
+            }
+        }
+    }
+    let _ = writeln!(s, "\nfacts");
+    if let Some(a) = t.connected {
+        let _ = writeln!(
+            s,
+            "  connected {a} (resolved {})",
+            t.resolved
+                .iter()
+                .map(|a| a.ip().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  requested {}  selected {}",
+        protocol::names(t.requested_protocols),
+        t.selected_protocol.map_or("-".to_owned(), protocol::name)
+    );
+    if !t.tls_version.is_empty() {
+        let _ = writeln!(s, "  tls {} {}", t.tls_version, t.cipher_suite);
+    }
+    if let Some(c) = &t.certificate {
+        let _ = writeln!(s, "  cert subject {}  issuer {}", c.subject, c.issuer);
+        let _ = writeln!(
+            s,
+            "       valid {} .. {}  {} {}  {}  sha256 {}",
+            crate::probe::cert::rfc3339(c.not_before),
+            crate::probe::cert::rfc3339(c.not_after),
+            c.key_type,
+            c.key_bits,
+            c.signature_algorithm,
+            c.sha256_fingerprint
+        );
+        let _ = writeln!(
+            s,
+            "       verifier: {}{}",
+            c.verifier_verdict,
+            if c.self_signed { " (self-signed)" } else { "" }
+        );
+    }
+    if !r.credential.checked_by.is_empty() {
+        let _ = writeln!(
+            s,
+            "  credential checked by {} as {} at {}",
+            r.credential.checked_by, r.credential.bind_identity, r.credential.directory_server
+        );
+    }
+    s
+}
+
+fn config_check(file: &Path) -> ExitCode {
+    match Config::load(Some(file)) {
+        Ok(cfg) => {
+            // The file mirror holds paths and env-var names for secrets, never secret values.
+            match toml::to_string_pretty(&cfg.file) {
+                Ok(t) => {
+                    println!("# {}: valid; effective configuration:", file.display());
+                    print!("{t}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("rdp-preflight: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => usage(e),
+    }
+}

@@ -1,0 +1,928 @@
+//! Credential pre-validation: an LDAP simple bind of the target account against the directory,
+//! lockout-safe, with the password-policy control and AD's `data` sub-code mapped to the 6xx
+//! and 65x causes.
+//!
+//! Flow of one check: empty password → CRED_MISSING (no traffic); success cache (if enabled);
+//! lockout guard (same failing password → remembered cause; too many distinct ones →
+//! CRED_LOCKOUT_GUARD); a pooled or fresh connection (servers in order, failover on connect/TLS
+//! failure only); optionally the service account's search and lockout-state read; the bind
+//! with the ppolicy request control; the answer mapped to a cause with its raw evidence.
+
+pub mod ad;
+mod config;
+pub mod escape;
+mod guard;
+pub mod ppolicy;
+
+use std::{collections::HashMap, sync::Mutex};
+
+use ldap3::{asn1::StructureTag, controls::RawControl, Ldap, LdapConnAsync, LdapConnSettings, Scope, StdStream};
+
+pub use config::{BindAs, DirectoryConfig, DirectoryFile, ServerUrl, ServiceAccount};
+pub use guard::{Admission, LockoutGuard};
+
+use crate::{
+    cause::Cause,
+    deadline::{Budget, Expired},
+    report::{CredentialFacts, Finding, StageStatus},
+    secret::Credential,
+};
+use guard::SuccessCache;
+use ppolicy::{PpolicyError, PpolicyResponse, PpolicyWarning, OID_PASSWORD_POLICY};
+
+/// What the credential stage found.
+#[derive(Clone, Debug)]
+pub struct CredentialOutcome {
+    /// `Ok` (bind succeeded, maybe with a warning finding) or `Failed`.
+    pub status: StageStatus,
+    /// Findings (at most one).
+    pub findings: Vec<Finding>,
+    /// Facts for the report.
+    pub facts: CredentialFacts,
+    /// True only if the password is proven right and usable.
+    pub bind_succeeded: bool,
+    /// One-line summary for the stage record.
+    pub detail: String,
+}
+
+struct PooledConn {
+    ldap: Ldap,
+    server: usize,
+}
+
+/// One per process: connection pool, lockout guard and optional success cache.
+pub struct CredentialChecker {
+    cfg: DirectoryConfig,
+    pool: Mutex<Vec<PooledConn>>,
+    guard: LockoutGuard,
+    cache: SuccessCache,
+}
+
+impl std::fmt::Debug for CredentialChecker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialChecker")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why no connection could be had from one server.
+enum ConnectError {
+    /// TCP connect refused / timed out / name not resolved.
+    Tcp(String),
+    /// TLS or StartTLS handshake / certificate failure.
+    Tls(String),
+}
+
+/// How an LDAP operation went wrong before an answer.
+enum OpError {
+    /// No answer before the limit.
+    Timeout(Expired),
+    /// The connection failed.
+    Io(String),
+}
+
+/// The account's entry as read by the service account.
+#[derive(Default)]
+struct EntryInfo {
+    dn: String,
+    attrs: HashMap<String, Vec<Vec<u8>>>,
+}
+
+impl EntryInfo {
+    fn first(&self, name: &str) -> Option<String> {
+        self.attrs
+            .get(&name.to_ascii_lowercase())
+            .and_then(|v| v.first())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+    fn count(&self, name: &str) -> usize {
+        self.attrs.get(&name.to_ascii_lowercase()).map_or(0, Vec::len)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn ppolicy_request() -> RawControl {
+    RawControl {
+        ctype: OID_PASSWORD_POLICY.to_string(),
+        crit: false,
+        val: None,
+    }
+}
+
+/// Decodes a search result entry without panicking on malformed data.
+fn parse_entry(tag: StructureTag) -> Option<EntryInfo> {
+    let mut parts = tag.match_id(4)?.expect_constructed()?.into_iter();
+    let dn = String::from_utf8(parts.next()?.expect_primitive()?).ok()?;
+    let mut attrs = HashMap::new();
+    for a in parts.next()?.expect_constructed()? {
+        let mut pa = a.expect_constructed()?.into_iter();
+        let name = String::from_utf8(pa.next()?.expect_primitive()?).ok()?;
+        let vals = pa
+            .next()?
+            .expect_constructed()?
+            .into_iter()
+            .filter_map(|v| v.expect_primitive())
+            .collect();
+        attrs.insert(name.to_ascii_lowercase(), vals);
+    }
+    Some(EntryInfo { dn, attrs })
+}
+
+fn fill(template: &str, user: &str, domain: &str, escape: fn(&str) -> String) -> String {
+    template
+        .replace("{user}", &escape(user))
+        .replace("{domain}", &escape(domain))
+}
+
+/// The identity a direct bind uses (not `search`).
+pub fn bind_identity(bind_as: &BindAs, user: &str, domain: &str) -> Option<String> {
+    Some(match bind_as {
+        BindAs::Upn if user.contains('@') || domain.is_empty() => user.to_string(),
+        BindAs::Upn => format!("{user}@{domain}"),
+        BindAs::Downlevel if user.contains('\\') || domain.is_empty() => user.to_string(),
+        BindAs::Downlevel => format!("{domain}\\{user}"),
+        BindAs::Dn(t) => fill(t, user, domain, escape::dn_value),
+        BindAs::Search => return None,
+    })
+}
+
+/// Context of one check for building findings.
+struct Ctx {
+    facts: CredentialFacts,
+}
+
+impl Ctx {
+    fn evidence(&self, mut f: Finding) -> Finding {
+        if let Some(rc) = self.facts.ldap_result_code {
+            f = f.with("ldap_result_code", rc);
+        }
+        if !self.facts.ad_data_code.is_empty() {
+            f = f.with("ad_data", &self.facts.ad_data_code);
+        }
+        if !self.facts.directory_server.is_empty() {
+            f = f.with("directory_server", &self.facts.directory_server);
+        }
+        if !self.facts.bind_identity.is_empty() {
+            f = f.with("bind_identity", &self.facts.bind_identity);
+        }
+        f
+    }
+
+    fn failed(self, f: Finding) -> CredentialOutcome {
+        let f = self.evidence(f);
+        let detail = format!("{}: {}", f.cause.name(), f.message);
+        CredentialOutcome {
+            status: StageStatus::Failed,
+            findings: vec![f],
+            facts: self.facts,
+            bind_succeeded: false,
+            detail,
+        }
+    }
+
+    fn failed_raw(self, f: Finding) -> CredentialOutcome {
+        let detail = format!("{}: {}", f.cause.name(), f.message);
+        CredentialOutcome {
+            status: StageStatus::Failed,
+            findings: vec![f],
+            facts: self.facts,
+            bind_succeeded: false,
+            detail,
+        }
+    }
+}
+
+impl CredentialChecker {
+    /// A checker for the validated config.
+    pub fn new(cfg: DirectoryConfig) -> Self {
+        let guard = LockoutGuard::new(cfg.guard_window, cfg.guard_max_distinct_failures);
+        let cache = SuccessCache::new(cfg.success_cache_ttl);
+        CredentialChecker {
+            cfg,
+            pool: Mutex::new(Vec::new()),
+            guard,
+            cache,
+        }
+    }
+
+    /// The lockout guard (the NLA stage consults and feeds it too).
+    pub fn guard(&self) -> &LockoutGuard {
+        &self.guard
+    }
+
+    /// The config in use.
+    pub fn config(&self) -> &DirectoryConfig {
+        &self.cfg
+    }
+
+    /// Idle pooled connections right now (for metrics and tests).
+    pub fn pooled(&self) -> usize {
+        lock(&self.pool).len()
+    }
+
+    /// Proves the credential with a bind; never sends an empty password, never makes a bind
+    /// the lockout guard refuses.
+    pub async fn check(&self, cred: &Credential, budget: &Budget) -> CredentialOutcome {
+        let mut ctx = Ctx {
+            facts: CredentialFacts {
+                checked_by: "ldap".into(),
+                ..Default::default()
+            },
+        };
+        let (user, domain) = (cred.username.trim(), cred.domain.trim());
+        if user.is_empty() || cred.password.is_empty() {
+            let what = if user.is_empty() {
+                "no username"
+            } else {
+                "empty password"
+            };
+            return ctx.failed(Finding::new(
+                Cause::CredMissing,
+                format!("{what}: not binding (an empty-password bind is an anonymous bind)"),
+            ));
+        }
+        if let Some(warnings) = self.cache.get(user, domain, &cred.password) {
+            ctx.facts.from_memory = true;
+            let detail = "bind succeeded recently (success cache)".to_string();
+            let status = StageStatus::Ok;
+            let findings = warnings.into_iter().map(|f| f.with("from_memory", true)).collect();
+            return CredentialOutcome {
+                status,
+                findings,
+                facts: ctx.facts,
+                bind_succeeded: true,
+                detail,
+            };
+        }
+        match self.guard.admit(user, domain, &cred.password) {
+            Admission::Proceed => {}
+            Admission::Remembered(f) => {
+                ctx.facts.from_memory = true;
+                tracing::debug!(
+                    cause = f.cause.name(),
+                    "credential answered from the lockout guard's memory"
+                );
+                return ctx.failed_raw(f);
+            }
+            Admission::Refused(f) => {
+                ctx.facts.from_memory = true;
+                tracing::info!(user = %user, "lockout guard refused a bind");
+                return ctx.failed(f);
+            }
+        }
+        // A pooled connection first; if it turns out dead before any answer, once more fresh.
+        let mut pooled = self.take_pooled();
+        loop {
+            let was_pooled = pooled.is_some();
+            let conn = match pooled.take() {
+                Some(c) => c,
+                None => match self.connect_any(budget, &mut ctx).await {
+                    Ok(c) => c,
+                    Err(outcome) => return *outcome,
+                },
+            };
+            match self.check_on(conn, cred, user, domain, budget, &mut ctx).await {
+                Step::Done(outcome) => return *outcome,
+                Step::Retry if was_pooled => {
+                    tracing::debug!("pooled directory connection was dead; reconnecting");
+                    ctx.facts = CredentialFacts {
+                        checked_by: "ldap".into(),
+                        ..Default::default()
+                    };
+                    continue;
+                }
+                Step::Retry => {
+                    let f = Finding::new(
+                        Cause::DirectoryUnreachable,
+                        "the directory closed the connection before answering",
+                    );
+                    return ctx.failed(f);
+                }
+            }
+        }
+    }
+
+    fn take_pooled(&self) -> Option<PooledConn> {
+        let mut pool = lock(&self.pool);
+        while let Some(mut c) = pool.pop() {
+            if !c.ldap.is_closed() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn put_back(&self, c: PooledConn) {
+        let mut pool = lock(&self.pool);
+        if pool.len() < self.cfg.pool_size {
+            pool.push(c);
+        }
+    }
+
+    async fn connect_any(&self, budget: &Budget, ctx: &mut Ctx) -> Result<PooledConn, Box<CredentialOutcome>> {
+        let mut errors = Vec::new();
+        let mut any_tls = false;
+        for (i, s) in self.cfg.servers.iter().enumerate() {
+            let url = s.url();
+            match self.connect(i, budget).await {
+                Ok(ldap) => {
+                    return Ok(PooledConn { ldap, server: i });
+                }
+                Err(ConnectError::Tcp(e)) => {
+                    tracing::warn!(server = %url, error = %e, "directory unreachable");
+                    errors.push(format!("{url}: {e}"));
+                }
+                Err(ConnectError::Tls(e)) => {
+                    tracing::warn!(server = %url, error = %e, "directory TLS failed");
+                    any_tls = true;
+                    errors.push(format!("{url}: TLS: {e}"));
+                }
+            }
+            if budget.is_spent() {
+                break;
+            }
+        }
+        ctx.facts.directory_server = self
+            .cfg
+            .servers
+            .iter()
+            .map(ServerUrl::url)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let attempts = errors.join("; ");
+        let f = if any_tls {
+            Finding::new(
+                Cause::DirectoryTlsFailed,
+                format!("no TLS connection to the directory: {attempts}"),
+            )
+        } else {
+            Finding::new(
+                Cause::DirectoryUnreachable,
+                format!("no directory server reachable: {attempts}"),
+            )
+        };
+        let outcome = std::mem::replace(
+            ctx,
+            Ctx {
+                facts: CredentialFacts::default(),
+            },
+        )
+        .failed(f.with("attempts", &attempts));
+        Err(Box::new(outcome))
+    }
+
+    async fn connect(&self, idx: usize, budget: &Budget) -> Result<Ldap, ConnectError> {
+        let s = &self.cfg.servers[idx];
+        let limit = self.cfg.connect_timeout;
+        let tcp = match budget
+            .run(limit, tokio::net::TcpStream::connect((s.host.as_str(), s.port)))
+            .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err(ConnectError::Tcp(e.to_string())),
+            Err(which) => return Err(ConnectError::Tcp(format!("connect timed out ({which:?} limit)"))),
+        };
+        // ldap3 has no TCP_NODELAY setting: connect here, set it, and hand the socket over.
+        // Without it Nagle + delayed ACK add ~40 ms to a TLS handshake on small writes.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+        let std_stream = tcp.into_std().map_err(|e| ConnectError::Tcp(e.to_string()))?;
+        let use_tls = s.tls || self.cfg.starttls;
+        let mut settings = LdapConnSettings::new().set_std_stream(StdStream::Tcp(std_stream));
+        if use_tls {
+            if let Some(tls) = &self.cfg.tls {
+                settings = settings.set_config(tls.clone());
+            }
+            if !s.tls {
+                settings = settings.set_starttls(true);
+            }
+        }
+        let url = s.url();
+        let (conn, ldap) = match budget.run(limit, LdapConnAsync::with_settings(settings, &url)).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) if use_tls => return Err(ConnectError::Tls(e.to_string())),
+            Ok(Err(e)) => return Err(ConnectError::Tcp(e.to_string())),
+            Err(which) if use_tls => return Err(ConnectError::Tls(format!("handshake timed out ({which:?} limit)"))),
+            Err(which) => return Err(ConnectError::Tcp(format!("timed out ({which:?} limit)"))),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = conn.drive().await {
+                tracing::debug!(error = %e, "directory connection ended");
+            }
+        });
+        Ok(ldap)
+    }
+
+    async fn op<T, F>(&self, budget: &Budget, fut: F) -> Result<T, OpError>
+    where
+        F: std::future::Future<Output = ldap3::result::Result<T>>,
+    {
+        match budget.run(self.cfg.bind_timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(OpError::Io(e.to_string())),
+            Err(which) => Err(OpError::Timeout(which)),
+        }
+    }
+
+    async fn search(
+        &self,
+        ldap: &mut Ldap,
+        budget: &Budget,
+        base: &str,
+        scope: Scope,
+        filter: &str,
+        attrs: &[&str],
+    ) -> Result<(Vec<EntryInfo>, u32, String), OpError> {
+        let r = self
+            .op(budget, ldap.search(base, scope, filter, attrs.to_vec()))
+            .await?;
+        let entries = r.0.into_iter().filter_map(|e| parse_entry(e.0)).collect();
+        Ok((entries, r.1.rc, r.1.text))
+    }
+
+    /// Runs the check on one connection. `Retry` = the connection was dead before any answer.
+    async fn check_on(
+        &self,
+        mut conn: PooledConn,
+        cred: &Credential,
+        user: &str,
+        domain: &str,
+        budget: &Budget,
+        ctx: &mut Ctx,
+    ) -> Step {
+        let server = self.cfg.servers[conn.server].url();
+        ctx.facts.directory_server = server.clone();
+        let take = |ctx: &mut Ctx| {
+            std::mem::replace(
+                ctx,
+                Ctx {
+                    facts: CredentialFacts::default(),
+                },
+            )
+        };
+        let op_failed = |ctx: &mut Ctx, e: OpError, what: &str, answered_before: bool| -> Step {
+            match e {
+                OpError::Timeout(which) => Step::done(
+                    take(ctx).failed(
+                        Finding::new(
+                            Cause::DirectoryTimeout,
+                            format!("the directory did not answer the {what} in time"),
+                        )
+                        .with("limit", format!("{which:?}").to_lowercase()),
+                    ),
+                ),
+                OpError::Io(_) if !answered_before => Step::Retry,
+                OpError::Io(err) => Step::done(take(ctx).failed(Finding::new(
+                    Cause::DirectoryUnreachable,
+                    format!("connection lost during the {what}: {err}"),
+                ))),
+            }
+        };
+
+        // Identity and lockout state via the service account, when configured.
+        let needs_service = self.cfg.bind_as == BindAs::Search || self.cfg.read_lockout_state;
+        let mut entry: Option<EntryInfo> = None;
+        let direct = bind_identity(&self.cfg.bind_as, user, domain);
+        if let Some(id) = &direct {
+            ctx.facts.bind_identity = id.clone();
+        }
+        if needs_service {
+            let Some(svc) = &self.cfg.service else {
+                return Step::done(
+                    take(ctx).failed(Finding::new(Cause::DirectoryError, "no service account configured")),
+                );
+            };
+            let r = match self
+                .op(budget, conn.ldap.simple_bind(&svc.dn, svc.password.expose()))
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => return op_failed(ctx, e, "service account bind", false),
+            };
+            tracing::debug!(server = %server, identity = %svc.dn, rc = r.rc, "service bind answered");
+            if r.rc != 0 {
+                let f = Finding::new(
+                    Cause::DirectoryError,
+                    format!("the service account's bind failed (resultCode {}): {}", r.rc, r.text),
+                )
+                .with("service_dn", &svc.dn)
+                .with("service_bind_result_code", r.rc)
+                .with("diagnostic_message", &r.text);
+                self.put_back(conn);
+                return Step::done(take(ctx).failed(f));
+            }
+            let attrs = [
+                "badPwdCount",
+                "pwdFailureTime",
+                "pwdPolicySubentry",
+                "pwdAccountLockedTime",
+                "lockoutTime",
+            ];
+            let base = self.cfg.search_base.clone().unwrap_or_default();
+            let (scope, base, filter) = match (&self.cfg.bind_as, &direct) {
+                (BindAs::Dn(_), Some(dn)) => (Scope::Base, dn.clone(), "(objectClass=*)".to_string()),
+                _ => (
+                    Scope::Subtree,
+                    base,
+                    fill(&self.cfg.search_filter, user, domain, escape::filter_value),
+                ),
+            };
+            let (mut entries, rc, text) = match self.search(&mut conn.ldap, budget, &base, scope, &filter, &attrs).await
+            {
+                Ok(r) => r,
+                Err(e) => return op_failed(ctx, e, "search for the account", true),
+            };
+            // noSuchObject (32) on a base read of a DN template: the account does not exist.
+            if rc != 0 && !(rc == 32 && scope == Scope::Base) {
+                self.put_back(conn);
+                let f = Finding::new(
+                    Cause::DirectoryError,
+                    format!("search for the account failed (resultCode {rc}): {text}"),
+                )
+                .with("search_result_code", rc)
+                .with("search_filter", &filter);
+                return Step::done(take(ctx).failed(f));
+            }
+            match entries.len() {
+                1 => entry = entries.pop(),
+                0 if self.cfg.bind_as == BindAs::Search || scope == Scope::Base => {
+                    self.put_back(conn);
+                    let f = Finding::new(
+                        Cause::CredAccountNotFound,
+                        "the service account's search found no such account",
+                    )
+                    .with("search_base", &base)
+                    .with("search_filter", &filter)
+                    .with("search_entries", 0);
+                    return Step::done(take(ctx).failed(f));
+                }
+                0 => {}
+                n => {
+                    self.put_back(conn);
+                    let f = Finding::new(
+                        Cause::DirectoryError,
+                        format!("the search matched {n} entries, expected one"),
+                    )
+                    .with("search_filter", &filter)
+                    .with("search_entries", n);
+                    return Step::done(take(ctx).failed(f));
+                }
+            }
+            if self.cfg.bind_as == BindAs::Search {
+                ctx.facts.bind_identity = entry.as_ref().map(|e| e.dn.clone()).unwrap_or_default();
+            }
+            if self.cfg.read_lockout_state {
+                if let Some(e) = &entry {
+                    match self.lockout_state(&mut conn.ldap, budget, e).await {
+                        Ok(Some(f)) => {
+                            self.put_back(conn);
+                            return Step::done(take(ctx).failed(f));
+                        }
+                        Ok(None) => {}
+                        Err(e) => return op_failed(ctx, e, "lockout state read", true),
+                    }
+                }
+            }
+        }
+
+        // The bind itself, with the password-policy request control.
+        let identity = ctx.facts.bind_identity.clone();
+        let bind = conn
+            .ldap
+            .with_controls(ppolicy_request())
+            .simple_bind(&identity, cred.password.expose());
+        let r = match self.op(budget, bind).await {
+            Ok(r) => r,
+            Err(e) => return op_failed(ctx, e, "bind", needs_service),
+        };
+        self.put_back(conn);
+        let pp = r
+            .ctrls
+            .iter()
+            .find(|c| c.1.ctype == OID_PASSWORD_POLICY)
+            .and_then(|c| c.1.val.as_deref())
+            .map(|v| {
+                ppolicy::decode(v).inspect_err(|e| {
+                    tracing::debug!(error = %e, "undecodable password-policy response control");
+                })
+            });
+        let pp = pp.and_then(Result::ok).unwrap_or_default();
+        tracing::debug!(server = %server, identity = %identity, rc = r.rc, "bind answered");
+        ctx.facts.ldap_result_code = Some(r.rc);
+        ctx.facts.diagnostic_message = r.text.clone();
+        let data = if r.rc == 49 { ad::parse_data_code(&r.text) } else { None };
+        ctx.facts.ad_data_code = data.clone().unwrap_or_default();
+        Step::done(self.judge(take(ctx), cred, user, domain, r.rc, &r.text, data.as_deref(), pp))
+    }
+
+    /// Maps a bind answer to the outcome and feeds the guard and cache.
+    #[allow(clippy::too_many_arguments)]
+    fn judge(
+        &self,
+        ctx: Ctx,
+        cred: &Credential,
+        user: &str,
+        domain: &str,
+        rc: u32,
+        text: &str,
+        data: Option<&str>,
+        pp: PpolicyResponse,
+    ) -> CredentialOutcome {
+        let with_pp = |mut f: Finding| {
+            if let Some(e) = pp.error {
+                f = f.with("ppolicy_error", e);
+            }
+            if let Some(w) = pp.warning {
+                f = f.with("ppolicy_warning", w);
+            }
+            f
+        };
+        if rc == 0 {
+            if pp.error == Some(PpolicyError::ChangeAfterReset) {
+                let f = with_pp(Finding::new(
+                    Cause::CredPasswordMustChange,
+                    "the password is right but must be changed before use (the directory reset it)",
+                ));
+                self.guard.record_success(user, domain);
+                return ctx.failed(f);
+            }
+            if pp.error == Some(PpolicyError::PasswordExpired) {
+                let f = with_pp(Finding::new(Cause::CredPasswordExpired, "the password has expired"));
+                self.guard.record_success(user, domain);
+                return ctx.failed(f);
+            }
+            self.guard.record_success(user, domain);
+            let mut findings = Vec::new();
+            let detail = match pp.warning {
+                Some(w) => {
+                    let msg = match w {
+                        PpolicyWarning::TimeBeforeExpiration(s) => {
+                            format!("bind succeeded; the password expires in {}", human_secs(s))
+                        }
+                        PpolicyWarning::GraceAuthNsRemaining(n) => {
+                            format!("bind succeeded on a grace login: the password has expired, {n} grace logins left")
+                        }
+                    };
+                    let f = ctx.evidence(with_pp(Finding::new(Cause::CredPasswordExpiring, msg.clone())));
+                    findings.push(f);
+                    msg
+                }
+                None => format!("bind succeeded as {}", ctx.facts.bind_identity),
+            };
+            self.cache.put(user, domain, &cred.password, findings.clone());
+            return CredentialOutcome {
+                status: StageStatus::Ok,
+                findings,
+                facts: ctx.facts,
+                bind_succeeded: true,
+                detail,
+            };
+        }
+        self.cache.forget(user, domain, &cred.password);
+        let (cause, msg, proven_right) = match rc {
+            49 => match (data, pp.error) {
+                (Some(code), _) if ad::cause_for_data_code(code).is_some() => {
+                    let cause = ad::cause_for_data_code(code).unwrap_or(Cause::CredInvalid);
+                    (cause, ad_message(cause), ad::proves_password_right(code))
+                }
+                (_, Some(PpolicyError::AccountLocked)) => (
+                    Cause::CredAccountLocked,
+                    "the account is locked (password policy)".to_string(),
+                    false,
+                ),
+                (_, Some(PpolicyError::PasswordExpired)) => (
+                    Cause::CredPasswordExpired,
+                    "the password has expired (password policy)".to_string(),
+                    true,
+                ),
+                (_, Some(PpolicyError::ChangeAfterReset)) => (
+                    Cause::CredPasswordMustChange,
+                    "the password must be changed (password policy)".to_string(),
+                    true,
+                ),
+                _ => (
+                    Cause::CredInvalid,
+                    "the directory rejected the password (invalid credentials): the stored password is stale or wrong"
+                        .to_string(),
+                    false,
+                ),
+            },
+            8 | 13 => (
+                Cause::DirectoryConfidentialityRequired,
+                format!(
+                    "the directory refuses simple binds without TLS (resultCode {rc}): use ldaps:// or StartTLS: {text}"
+                ),
+                false,
+            ),
+            _ => (
+                Cause::DirectoryError,
+                format!("the directory answered resultCode {rc}: {text}"),
+                false,
+            ),
+        };
+        let mut f = with_pp(Finding::new(cause, msg));
+        if cause == Cause::DirectoryError || cause == Cause::DirectoryConfidentialityRequired {
+            f = f.with("diagnostic_message", text);
+        }
+        let f = ctx.evidence(f);
+        let is_credential_failure = cause.number() / 50 == 12; // 600..=649
+        if is_credential_failure {
+            if proven_right {
+                self.guard.record_success(user, domain);
+            } else {
+                self.guard.record_failure(user, domain, &cred.password, &f);
+            }
+        }
+        let detail = format!("{}: {}", f.cause.name(), f.message);
+        CredentialOutcome {
+            status: StageStatus::Failed,
+            findings: vec![f],
+            facts: ctx.facts,
+            bind_succeeded: false,
+            detail,
+        }
+    }
+
+    /// Reads the failure count and the threshold; a finding when one more bad bind could lock.
+    async fn lockout_state(&self, ldap: &mut Ldap, budget: &Budget, e: &EntryInfo) -> Result<Option<Finding>, OpError> {
+        // Active Directory: badPwdCount on the entry, lockoutThreshold on the domain object.
+        if let Some(count) = e.first("badPwdCount").and_then(|v| v.trim().parse::<u64>().ok()) {
+            let (root, _, _) = self
+                .search(
+                    ldap,
+                    budget,
+                    "",
+                    Scope::Base,
+                    "(objectClass=*)",
+                    &["defaultNamingContext"],
+                )
+                .await?;
+            let nc = root.first().and_then(|r| r.first("defaultNamingContext"));
+            let mut threshold = 0;
+            if let Some(nc) = nc {
+                let (d, _, _) = self
+                    .search(ldap, budget, &nc, Scope::Base, "(objectClass=*)", &["lockoutThreshold"])
+                    .await?;
+                threshold = d
+                    .first()
+                    .and_then(|d| d.first("lockoutThreshold"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+            }
+            return Ok(refuse_near_threshold(count, threshold, "badPwdCount/lockoutThreshold"));
+        }
+        // OpenLDAP ppolicy: pwdFailureTime values, pwdMaxFailure on the policy entry.
+        let failures = e.count("pwdFailureTime") as u64;
+        let policy = e
+            .first("pwdPolicySubentry")
+            .or_else(|| self.cfg.default_policy_dn.clone());
+        if let Some(policy) = policy {
+            let (p, _, _) = self
+                .search(
+                    ldap,
+                    budget,
+                    &policy,
+                    Scope::Base,
+                    "(objectClass=*)",
+                    &["pwdMaxFailure", "pwdLockout"],
+                )
+                .await?;
+            let Some(p) = p.first() else { return Ok(None) };
+            let lockout = p.first("pwdLockout").is_some_and(|v| v.eq_ignore_ascii_case("TRUE"));
+            let max = p
+                .first("pwdMaxFailure")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if lockout {
+                return Ok(refuse_near_threshold(failures, max, "pwdFailureTime/pwdMaxFailure"));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn refuse_near_threshold(count: u64, threshold: u64, source: &str) -> Option<Finding> {
+    (threshold > 0 && count + 1 >= threshold).then(|| {
+        Finding::new(
+            Cause::CredLockoutGuard,
+            format!(
+                "not binding: the account already has {count} failed logons and locks at {threshold}; \
+                 one more bad bind would lock it"
+            ),
+        )
+        .with("bad_password_count", count)
+        .with("lockout_threshold", threshold)
+        .with("lockout_state_source", source)
+    })
+}
+
+fn ad_message(cause: Cause) -> String {
+    match cause {
+        Cause::CredAccountNotFound => "no such account in the directory (AD data 525)",
+        Cause::CredInvalid => {
+            "the directory rejected the password (AD data 52e): the stored password is stale or wrong"
+        }
+        Cause::CredLogonHours => "the password is right but the account may not log on at this time (AD data 530)",
+        Cause::CredWorkstationRestricted => {
+            "the password is right but the account may not log on from here (AD data 531)"
+        }
+        Cause::CredPasswordExpired => "the password is right but has expired (AD data 532)",
+        Cause::CredAccountDisabled => "the account is disabled (AD data 533)",
+        Cause::CredTokenTooLarge => "the account is in too many groups: its token is too large (AD data 568)",
+        Cause::CredAccountExpired => "the account has expired (AD data 701)",
+        Cause::CredPasswordMustChange => "the password is right but must be changed at next logon (AD data 773)",
+        Cause::CredAccountLocked => "the account is locked out (AD data 775)",
+        _ => "the directory rejected the bind",
+    }
+    .to_string()
+}
+
+fn human_secs(s: i64) -> String {
+    if s >= 86_400 {
+        format!("{} days ({s}s)", s / 86_400)
+    } else if s >= 3600 {
+        format!("{} hours ({s}s)", s / 3600)
+    } else {
+        format!("{s}s")
+    }
+}
+
+enum Step {
+    Done(Box<CredentialOutcome>),
+    Retry,
+}
+
+impl Step {
+    fn done(o: CredentialOutcome) -> Step {
+        Step::Done(Box::new(o))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Password;
+    use std::time::Duration;
+
+    #[test]
+    fn identities() {
+        assert_eq!(
+            bind_identity(&BindAs::Upn, "alice", "example.test").as_deref(),
+            Some("alice@example.test")
+        );
+        assert_eq!(
+            bind_identity(&BindAs::Upn, "alice@x.test", "example.test").as_deref(),
+            Some("alice@x.test")
+        );
+        assert_eq!(
+            bind_identity(&BindAs::Downlevel, "alice", "EXAMPLE").as_deref(),
+            Some("EXAMPLE\\alice")
+        );
+        let t = BindAs::Dn("uid={user},ou=people,dc=example,dc=test".into());
+        assert_eq!(
+            bind_identity(&t, "a,b=c", "").as_deref(),
+            Some("uid=a\\,b\\=c,ou=people,dc=example,dc=test")
+        );
+        assert_eq!(bind_identity(&BindAs::Search, "a", ""), None);
+        assert_eq!(
+            fill("(uid={user})", "*)(x=*", "", escape::filter_value),
+            "(uid=\\2a\\29\\28x=\\2a)"
+        );
+    }
+
+    #[test]
+    fn threshold() {
+        assert!(refuse_near_threshold(2, 3, "x").is_some());
+        assert!(refuse_near_threshold(1, 3, "x").is_none());
+        assert!(refuse_near_threshold(9, 0, "x").is_none());
+    }
+
+    #[tokio::test]
+    async fn empty_password_is_missing_without_traffic() {
+        // A server that would fail the test if contacted: port 1 on loopback, never dialled.
+        let cfg = DirectoryFile {
+            servers: vec!["ldap://127.0.0.1:1".into()],
+            starttls: false,
+            allow_plaintext: true,
+            ..Default::default()
+        }
+        .validate()
+        .expect("valid")
+        .expect("some");
+        let c = CredentialChecker::new(cfg);
+        let cred = Credential {
+            username: "alice".into(),
+            domain: "".into(),
+            password: Password::new(String::new()),
+        };
+        let o = c.check(&cred, &Budget::new(Duration::from_secs(1))).await;
+        assert_eq!(o.findings[0].cause, Cause::CredMissing);
+        assert!(o.facts.directory_server.is_empty() && o.facts.ldap_result_code.is_none());
+        assert!(!o.bind_succeeded);
+    }
+}
