@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use crate::{
     cause::{Cause, Severity, Stage},
     config::Config,
-    credential::{CredentialChecker, CredentialOutcome},
+    credential::{Admission, CredentialChecker, CredentialOutcome, LockoutGuard},
     deadline::Budget,
     probe::{self, ProbeOutcome, ProbeRequest, Prober},
     report::{self, CredentialFacts, Finding, NlaFacts, Report, StageRecord, StageStatus},
@@ -45,6 +45,16 @@ pub struct Checker {
     cfg: Arc<Config>,
     prober: Prober,
     credential: Option<CredentialChecker>,
+    /// Lockout guard for NLA logons when no directory is configured (with one, the directory
+    /// client's guard covers both).
+    nla_guard: LockoutGuard,
+}
+
+/// What the NLA stage produced.
+struct NlaResult {
+    record: StageRecord,
+    findings: Vec<Finding>,
+    facts: NlaFacts,
 }
 
 impl Checker {
@@ -52,10 +62,12 @@ impl Checker {
     pub fn new(cfg: Arc<Config>) -> Result<Checker, String> {
         let prober = Prober::new(cfg.clone())?;
         let credential = cfg.directory.clone().map(CredentialChecker::new);
+        let nla_guard = LockoutGuard::new(cfg.nla_guard_window, cfg.nla_guard_max_distinct_failures);
         Ok(Checker {
             cfg,
             prober,
             credential,
+            nla_guard,
         })
     }
 
@@ -75,11 +87,121 @@ impl Checker {
             requested: input.requested,
             minimum: input.minimum,
         };
-        let (probe, cred) = tokio::join!(
+        let (mut probe, cred) = tokio::join!(
             self.prober.probe(&preq, &budget),
             self.credential(input.credential.as_ref(), &budget)
         );
-        self.finish(input, probe, cred, budget, started_at)
+        let nla = self.nla(&input, &mut probe, cred.as_ref().map(|c| &c.0), &budget).await;
+        self.finish(input, probe, cred, nla, budget, started_at)
+    }
+
+    /// The NLA stage, on the TLS stage's stream, when the server selected HYBRID / HYBRID_EX.
+    async fn nla(
+        &self,
+        input: &CheckInput,
+        probe: &mut ProbeOutcome,
+        bind: Option<&CredentialOutcome>,
+        budget: &Budget,
+    ) -> NlaResult {
+        use crate::probe::x224::protocol;
+        let skipped = |status: StageStatus, detail: String| NlaResult {
+            record: StageRecord {
+                stage: Stage::Nla,
+                status,
+                start: budget.elapsed(),
+                duration: Duration::ZERO,
+                detail,
+            },
+            findings: Vec::new(),
+            facts: NlaFacts::default(),
+        };
+        let selected = probe.facts.selected_protocol;
+        if !self.cfg.nla_enabled {
+            return skipped(StageStatus::Skipped, "nla.enabled = false".into());
+        }
+        if !matches!(selected, Some(protocol::HYBRID | protocol::HYBRID_EX)) {
+            let why = match selected {
+                Some(p) => format!("{} selected: no CredSSP", protocol::name(p)),
+                None => "no protocol negotiated".into(),
+            };
+            return skipped(StageStatus::Skipped, why);
+        }
+        let (Some(mut stream), Some(cert)) = (probe.tls.take(), probe.server_cert.as_ref()) else {
+            return skipped(StageStatus::NotRun, "an earlier stage denied the session".into());
+        };
+        let public_key = match x509_parser::parse_x509_certificate(cert) {
+            Ok((_, c)) => c.public_key().subject_public_key.data.to_vec(),
+            Err(_) => return skipped(StageStatus::NotRun, "server certificate unparsable".into()),
+        };
+        // Which credential, if any, the target may judge: never a second bad attempt in one
+        // check, never past the lockout guard.
+        let mut note = None;
+        let logon = match (&input.credential, bind) {
+            _ if !self.cfg.nla_logon => None,
+            (None, _) => None,
+            (Some(c), None) if c.password.is_empty() => {
+                note = Some("no password: logon not attempted");
+                None
+            }
+            (Some(c), None) => match self.nla_guard.admit(&c.username, &c.domain, &c.password) {
+                Admission::Proceed => Some(c),
+                _ => {
+                    note = Some("lockout guard: logon not attempted");
+                    None
+                }
+            },
+            (Some(c), Some(b)) if b.bind_succeeded => Some(c),
+            (Some(_), Some(_)) => {
+                note = Some("directory bind did not succeed: logon not attempted");
+                None
+            }
+        };
+        let now_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let nla_input = crate::nla::NlaInput {
+            server_public_key: &public_key,
+            credential: logon,
+            expected_computer: &input.expected_computer,
+            clock_tolerance: self.cfg.nla_clock_tolerance,
+            now_unix_ms,
+        };
+        let start = budget.elapsed();
+        let out = crate::nla::run(&mut stream, &nla_input, budget, self.cfg.nla_timeout).await;
+        if let (Some(c), true) = (logon, out.logon_attempted) {
+            let guard = self
+                .credential
+                .as_ref()
+                .map_or(&self.nla_guard, CredentialChecker::guard);
+            match out
+                .findings
+                .iter()
+                .find(|f| self.cfg.severity(f.cause) == Severity::Deny)
+            {
+                Some(f) if out.logon_failed => guard.record_failure(&c.username, &c.domain, &c.password, f),
+                _ if !out.logon_failed => guard.record_success(&c.username, &c.domain),
+                _ => {}
+            }
+        }
+        let mut detail = out.detail;
+        if let Some(n) = note {
+            detail = format!("{detail}; {n}");
+        }
+        let mut facts = out.facts;
+        if facts.logon.is_empty() {
+            facts.logon = "not_attempted".into();
+        }
+        NlaResult {
+            record: StageRecord {
+                stage: Stage::Nla,
+                status: out.status,
+                start,
+                duration: budget.elapsed().saturating_sub(start),
+                detail,
+            },
+            findings: out.findings,
+            facts,
+        }
     }
 
     async fn credential(
@@ -98,6 +220,7 @@ impl Checker {
         input: CheckInput,
         probe: ProbeOutcome,
         cred: Option<(CredentialOutcome, Duration, Duration)>,
+        nla: NlaResult,
         budget: Budget,
         started_at: (i64, u32),
     ) -> Report {
@@ -108,7 +231,7 @@ impl Checker {
             tls,
             server_cert: _,
         } = probe;
-        // The TLS stream is not used further yet: closing it ends the connection cleanly.
+        // Whatever the NLA stage did not take is closed here.
         drop(tls);
         let (cred_stage, cred_facts) = match cred {
             Some((c, start, duration)) => {
@@ -139,13 +262,12 @@ impl Checker {
             }
         };
         stages.push(cred_stage);
-        stages.push(StageRecord {
-            stage: Stage::Nla,
-            status: StageStatus::Skipped,
-            start: budget.elapsed(),
-            duration: Duration::ZERO,
-            detail: "NLA stage not enabled in this build".into(),
-        });
+        stages.push(nla.record);
+        all.extend(nla.findings);
+        let mut cred_facts = cred_facts;
+        if cred_facts.checked_by.is_empty() && matches!(nla.facts.logon.as_str(), "accepted" | "refused") {
+            cred_facts.checked_by = "nla".into();
+        }
         stages.sort_by_key(|s| s.stage);
         // A deadline reported by both branches is one finding.
         let mut seen_deadline = false;
@@ -167,7 +289,7 @@ impl Checker {
             stages,
             target: facts,
             credential: cred_facts,
-            nla: NlaFacts::default(),
+            nla: nla.facts,
             started_at,
             duration: budget.elapsed(),
         }

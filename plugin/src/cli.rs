@@ -135,6 +135,9 @@ struct CheckArgs {
     /// Bind identity: upn, downlevel, dn:TEMPLATE or search.
     #[arg(long)]
     bind_as: Option<String>,
+    /// Never complete the NTLM logon on the target (the challenge is still read).
+    #[arg(long)]
+    no_nla_logon: bool,
 }
 
 /// Entry point of the binary.
@@ -211,21 +214,19 @@ fn serve(path: Option<&Path>, listen: Option<String>, allow_loopback: bool) -> E
         Err(c) => return c,
     };
     rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
+        let bound = match crate::Bound::bind(&cfg).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("rdp-preflight: cannot listen on {}: {e}", cfg.listen);
+                eprintln!("rdp-preflight: cannot listen: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        let addr = listener
-            .local_addr()
-            .map_or_else(|_| cfg.listen.to_string(), |a| a.to_string());
+        let addr = bound.describe();
         tracing::info!(listen = %addr, version = env!("CARGO_PKG_VERSION"), "serving preflight.v1");
         // Machine-readable line for supervisors and tests that bind port 0.
         println!("listening on {addr}");
         let _ = std::io::stdout().flush();
-        match crate::run(cfg, listener, shutdown_signal()).await {
+        match crate::serve(cfg, bound, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("rdp-preflight: {e}");
@@ -287,6 +288,9 @@ fn check(args: CheckArgs) -> ExitCode {
     }
     if let Some(b) = &args.bind_as {
         file.directory.bind_as = b.clone();
+    }
+    if args.no_nla_logon {
+        file.nla.logon = "off".into();
     }
     let cfg = match file.validate() {
         Ok(c) => Arc::new(c),

@@ -54,6 +54,42 @@ pub struct FileConfig {
     pub log: LogFile,
     /// `[directory]`: credential pre-validation by LDAP bind.
     pub directory: crate::credential::DirectoryFile,
+    /// `[nla]`: the CredSSP / NTLM stage.
+    pub nla: NlaFile,
+}
+
+/// `[nla]`: the NLA stage, run after a clean TLS stage when the server selected HYBRID or
+/// HYBRID_EX.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NlaFile {
+    /// Read the NTLM challenge (computer and domain names, clock, CredSSP version) (default true).
+    pub enabled: bool,
+    /// `auto`: complete the NTLM logon when the request carries a credential (after a
+    /// successful bind when a directory is configured); `off`: never log on (default `auto`).
+    pub logon: String,
+    /// CLOCK_SKEW above this offset between the target's clock and ours (default 300 s).
+    pub clock_tolerance_secs: u64,
+    /// Stage limit (default 5000 ms).
+    pub timeout_ms: u64,
+    /// With no directory configured, the lockout guard for NLA logons: how long a failure is
+    /// remembered (default 900 s) …
+    pub guard_window_secs: u64,
+    /// … and how many further different passwords may be tried within it (default 1).
+    pub guard_max_distinct_failures: u32,
+}
+
+impl Default for NlaFile {
+    fn default() -> Self {
+        NlaFile {
+            enabled: true,
+            logon: "auto".into(),
+            clock_tolerance_secs: 300,
+            timeout_ms: 5000,
+            guard_window_secs: 900,
+            guard_max_distinct_failures: 1,
+        }
+    }
 }
 
 /// `[server]`: the gRPC listener and admission control.
@@ -66,6 +102,19 @@ pub struct ServerFile {
     pub max_concurrent_checks: usize,
     /// Checks waiting for a slot before new ones get RESOURCE_EXHAUSTED (default 256).
     pub max_queued_checks: usize,
+    /// Serve on this Unix domain socket instead of TCP (default none).
+    pub unix_socket: Option<PathBuf>,
+    /// PEM certificate chain for gRPC over TLS (default none: plaintext).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA for client certificates: mutual TLS (default none).
+    pub client_ca: Option<PathBuf>,
+    /// File holding a bearer token every call must present as `authorization: Bearer <token>`
+    /// (default none).
+    pub bearer_token_file: Option<PathBuf>,
+    /// Allow plaintext gRPC on a non-loopback TCP address (default false: refused at start).
+    pub allow_plaintext: bool,
 }
 
 impl Default for ServerFile {
@@ -74,6 +123,12 @@ impl Default for ServerFile {
             listen: "127.0.0.1:50051".into(),
             max_concurrent_checks: 64,
             max_queued_checks: 256,
+            unix_socket: None,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            bearer_token_file: None,
+            allow_plaintext: false,
         }
     }
 }
@@ -232,11 +287,36 @@ pub enum PinStoreConfig {
     File(PathBuf),
 }
 
+/// TLS material for the gRPC listener, as PEM bytes.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// Certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// Private key.
+    pub key_pem: zeroize::Zeroizing<Vec<u8>>,
+    /// Client CA for mutual TLS.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// Unix domain socket to serve on instead of TCP.
+    pub unix_socket: Option<PathBuf>,
+    /// TLS for the gRPC listener.
+    pub server_tls: Option<ServerTls>,
+    /// Bearer token every call must present.
+    pub bearer_token: Option<crate::secret::Password>,
     /// Checks running at once.
     pub max_concurrent_checks: usize,
     /// Checks waiting before RESOURCE_EXHAUSTED.
@@ -285,6 +365,18 @@ pub struct Config {
     pub log_json: bool,
     /// Log filter.
     pub log_level: String,
+    /// NLA stage on.
+    pub nla_enabled: bool,
+    /// NLA logon allowed (`nla.logon = "auto"`).
+    pub nla_logon: bool,
+    /// CLOCK_SKEW threshold.
+    pub nla_clock_tolerance: Duration,
+    /// NLA stage limit.
+    pub nla_timeout: Duration,
+    /// Lockout guard window for NLA logons without a directory.
+    pub nla_guard_window: Duration,
+    /// Further distinct passwords within the window.
+    pub nla_guard_max_distinct_failures: u32,
     /// Directory for credential pre-validation (`None`: no LDAP bind).
     pub directory: Option<crate::credential::DirectoryConfig>,
     /// The file mirror this was built from (for `config check`).
@@ -346,7 +438,8 @@ impl FileConfig {
                 .with_list_parse_key("cert.trust_anchors")
                 .with_list_parse_key("policy.allow_networks")
                 .with_list_parse_key("policy.allow_dns_suffixes")
-                .with_list_parse_key("policy.allow_ports"),
+                .with_list_parse_key("policy.allow_ports")
+                .with_list_parse_key("directory.servers"),
         );
         let merged = b.build().map_err(|e| ConfigError(e.to_string()))?;
         merged
@@ -356,7 +449,49 @@ impl FileConfig {
 
     /// Validates into a typed [`Config`]; errors name the key.
     pub fn validate(&self) -> Result<Config, ConfigError> {
-        let listen = self.server.listen.parse().map_err(|e| err("server.listen", e))?;
+        let listen: SocketAddr = self.server.listen.parse().map_err(|e| err("server.listen", e))?;
+        let read = |key: &str, p: &Path| std::fs::read(p).map_err(|e| err(key, format!("{}: {e}", p.display())));
+        let server_tls = match (&self.server.tls_cert, &self.server.tls_key) {
+            (Some(c), Some(k)) => Some(ServerTls {
+                cert_pem: read("server.tls_cert", c)?,
+                key_pem: zeroize::Zeroizing::new(read("server.tls_key", k)?),
+                client_ca_pem: match &self.server.client_ca {
+                    Some(ca) => Some(read("server.client_ca", ca)?),
+                    None => None,
+                },
+            }),
+            (None, None) if self.server.client_ca.is_some() => {
+                return Err(err(
+                    "server.client_ca",
+                    "mutual TLS needs server.tls_cert and server.tls_key",
+                ))
+            }
+            (None, None) => None,
+            (Some(_), None) => return Err(err("server.tls_key", "required with server.tls_cert")),
+            (None, Some(_)) => return Err(err("server.tls_cert", "required with server.tls_key")),
+        };
+        if self.server.unix_socket.is_none()
+            && server_tls.is_none()
+            && !listen.ip().is_loopback()
+            && !self.server.allow_plaintext
+        {
+            return Err(err(
+                "server.listen",
+                format!("plaintext gRPC on non-loopback {listen}: configure server.tls_cert and server.tls_key, a server.unix_socket, or set server.allow_plaintext = true"),
+            ));
+        }
+        let bearer_token = match &self.server.bearer_token_file {
+            Some(p) => {
+                let t = String::from_utf8(read("server.bearer_token_file", p)?)
+                    .map_err(|_| err("server.bearer_token_file", "not UTF-8"))?;
+                let t = t.trim().to_owned();
+                if t.len() < 16 {
+                    return Err(err("server.bearer_token_file", "token shorter than 16 characters"));
+                }
+                Some(crate::secret::Password::new(t))
+            }
+            None => None,
+        };
         if self.server.max_concurrent_checks == 0 {
             return Err(err("server.max_concurrent_checks", "must be at least 1"));
         }
@@ -445,6 +580,9 @@ impl FileConfig {
         };
         Ok(Config {
             listen,
+            unix_socket: self.server.unix_socket.clone(),
+            server_tls,
+            bearer_token,
             max_concurrent_checks: self.server.max_concurrent_checks,
             max_queued_checks: self.server.max_queued_checks,
             default_budget,
@@ -483,6 +621,16 @@ impl FileConfig {
             severity,
             log_json,
             log_level: self.log.level.clone(),
+            nla_enabled: self.nla.enabled,
+            nla_logon: match self.nla.logon.as_str() {
+                "auto" => true,
+                "off" => false,
+                other => return Err(err("nla.logon", format!("{other:?}: use \"auto\" or \"off\""))),
+            },
+            nla_clock_tolerance: Duration::from_secs(self.nla.clock_tolerance_secs),
+            nla_timeout: ms("nla.timeout_ms", self.nla.timeout_ms)?,
+            nla_guard_window: Duration::from_secs(self.nla.guard_window_secs),
+            nla_guard_max_distinct_failures: self.nla.guard_max_distinct_failures,
             directory: self.directory.validate().map_err(ConfigError)?,
             file: self.clone(),
         })
@@ -575,6 +723,10 @@ mod tests {
         assert!(bad("[check]\ndefault_budget_ms = \"soon\"\n").contains("default_budget_ms"));
         assert!(bad("[cert]\ntrust_anchors = [\"/nonexistent.pem\"]\n").contains("cert.trust_anchors[0]"));
         assert!(bad("[policy]\nallow_networks = [\"10.0.0.0/33\"]\n").contains("policy.allow_networks[0]"));
+        assert!(bad("[server]\nlisten = \"0.0.0.0:50051\"\n").contains("plaintext gRPC on non-loopback"));
+        assert!(bad("[server]\ntls_cert = \"/x.pem\"\n").contains("server.tls_key"));
+        std::fs::write(&p, "[server]\nlisten = \"0.0.0.0:50051\"\nallow_plaintext = true\n").expect("write");
+        assert!(Config::load(Some(&p)).is_ok());
         assert!(Config::load(Some(Path::new("/nonexistent/x.toml"))).is_err());
     }
 }

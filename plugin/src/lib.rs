@@ -3,12 +3,15 @@
 //!
 //! See `ARCHITECTURE.md` at the top of the repository for the code map and invariants.
 
+pub mod audit;
 pub mod cause;
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod credential;
 pub mod deadline;
+pub mod metrics;
+pub mod nla;
 pub mod policy;
 pub mod probe;
 pub mod report;
@@ -17,7 +20,46 @@ pub mod service;
 
 use std::{future::Future, sync::Arc};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
+
+/// A bound listener: TCP, or a Unix domain socket.
+pub enum Bound {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix domain socket.
+    Unix(UnixListener),
+}
+
+impl Bound {
+    /// Binds what the config asks for: `server.unix_socket` when set, else `server.listen`.
+    pub async fn bind(cfg: &config::Config) -> std::io::Result<Bound> {
+        match &cfg.unix_socket {
+            Some(path) => {
+                // A stale socket file from a previous run would make bind fail.
+                if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                    use std::os::unix::fs::FileTypeExt;
+                    m.file_type().is_socket()
+                }) {
+                    std::fs::remove_file(path)?;
+                }
+                UnixListener::bind(path).map(Bound::Unix)
+            }
+            None => TcpListener::bind(cfg.listen).await.map(Bound::Tcp),
+        }
+    }
+
+    /// Where it listens, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Bound::Tcp(l) => l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+            Bound::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| "unix socket".into()),
+        }
+    }
+}
 
 /// Serves the gRPC API on `listener` until `shutdown` completes; then reports NOT_SERVING and
 /// drains the checks in flight.
@@ -26,16 +68,32 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), String> {
+    serve(cfg, Bound::Tcp(listener), shutdown).await
+}
+
+/// Like [`run`], on a TCP or Unix listener.
+pub async fn serve(
+    cfg: Arc<config::Config>,
+    bound: Bound,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), String> {
     let checker = Arc::new(check::Checker::new(cfg).map_err(|e| format!("startup: {e}"))?);
     let (router, reporter) = service::router(checker).await?;
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let shutdown = async move {
         shutdown.await;
         service::set_not_serving(&reporter).await;
         tracing::info!("shutting down: draining checks in flight");
     };
-    router
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| format!("server: {e}"))
+    let r = match bound {
+        Bound::Tcp(l) => {
+            let incoming = tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, shutdown).await
+        }
+        Bound::Unix(l) => {
+            router
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(l), shutdown)
+                .await
+        }
+    };
+    r.map_err(|e| format!("server: {e}"))
 }

@@ -459,10 +459,13 @@ pub fn to_proto(r: &Report, cfg: &Config) -> pb::CheckReport {
     }
 }
 
-/// Builds the gRPC router: Preflight, health (`grpc.health.v1`) and reflection.
+/// Builds the gRPC router: Preflight (behind the bearer token when configured), health
+/// (`grpc.health.v1`, open: probes carry no token) and reflection, with TLS or mutual TLS when
+/// configured.
 pub async fn router(
     checker: Arc<Checker>,
 ) -> Result<(tonic::transport::server::Router, tonic_health::server::HealthReporter), String> {
+    let cfg = checker.config().clone();
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<pb::preflight_server::PreflightServer<PreflightService>>()
@@ -472,13 +475,43 @@ pub async fn router(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
+    let token = cfg.bearer_token.clone();
+    let auth = move |req: Request<()>| match &token {
+        None => Ok(req),
+        Some(t) => {
+            let got = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let got = got.strip_prefix("Bearer ").unwrap_or("");
+            if constant_time_eq(got.as_bytes(), t.expose().as_bytes()) {
+                Ok(req)
+            } else {
+                Err(Status::unauthenticated("missing or wrong bearer token"))
+            }
+        }
+    };
     let svc =
         pb::preflight_server::PreflightServer::new(PreflightService::new(checker)).max_decoding_message_size(64 * 1024);
-    let router = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(svc);
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, auth);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &cfg.server_tls {
+        let mut t = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
+            &tls.cert_pem,
+            tls.key_pem.as_slice(),
+        ));
+        if let Some(ca) = &tls.client_ca_pem {
+            t = t.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(t).map_err(|e| format!("server TLS: {e}"))?;
+    }
+    let router = builder.add_service(health).add_service(reflection).add_service(svc);
     Ok((router, reporter))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Marks the service NOT_SERVING (at shutdown, before draining).

@@ -234,6 +234,9 @@ impl CredentialChecker {
             },
         };
         let (user, domain) = (cred.username.trim(), cred.domain.trim());
+        if let Some(id) = bind_identity(&self.cfg.bind_as, user, domain).filter(|_| !user.is_empty()) {
+            ctx.facts.bind_identity = id;
+        }
         if user.is_empty() || cred.password.is_empty() {
             let what = if user.is_empty() {
                 "no username"

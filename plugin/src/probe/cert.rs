@@ -173,7 +173,11 @@ pub fn analyse(chain: &[CertificateDer<'_>], input: &Inputs<'_>) -> (CertFacts, 
     // Path verification against the configured anchors, at a time inside the validity period
     // so that expiry is reported once (above), not twice.
     facts.verifier_verdict = verify_path(chain, input, facts.not_before, facts.not_after);
-    if facts.verifier_verdict != TRUSTED {
+    // A chain refused only for a SHA-1/MD5 signature or for its EKU is reported as CERT_WEAK or
+    // CERT_WRONG_USAGE below, the specific causes; it is not also "untrusted".
+    let verdict_has_own_cause = facts.verifier_verdict.starts_with("UnsupportedSignatureAlgorithm")
+        || facts.verifier_verdict.starts_with("RequiredEkuNotFound");
+    if facts.verifier_verdict != TRUSTED && !verdict_has_own_cause {
         let msg = if facts.self_signed {
             "the certificate is self-signed (normal for RDP, but not verifiable)"
         } else {
@@ -271,7 +275,10 @@ fn verify_path(chain: &[CertificateDer<'_>], input: &Inputs<'_>, not_before: i64
             }
             match e {
                 webpki::Error::RequiredEkuNotFoundContext(_) => "RequiredEkuNotFound".into(),
-                other => format!("{other:?}"),
+                other => {
+                    let s = format!("{other:?}");
+                    s.split(['(', '{']).next().unwrap_or(&s).trim().to_owned()
+                }
             }
         }
     }

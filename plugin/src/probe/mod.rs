@@ -357,22 +357,25 @@ impl Prober {
         let (nclock, noff) = StageClock::start(budget);
         let mut net = unstable;
         if let (Some(tcp), Some(x224)) = (attempt.tcp_rtt, attempt.x224_rtt) {
-            let rtt = tcp.min(x224);
-            if rtt > self.cfg.high_latency {
+            if tcp > self.cfg.retransmission && x224 < self.cfg.retransmission / 4 {
+                net.push(
+                    Finding::new(
+                        Cause::NetUnstable,
+                        "the TCP connect needed a retransmission-scale delay while later round trips were fast: packet loss suspected",
+                    )
+                    .with("tcp_connect_ms", tcp.as_millis())
+                    .with("x224_round_trip_ms", x224.as_millis()),
+                );
+            } else if tcp.max(x224) > self.cfg.high_latency {
+                let rtt = tcp.max(x224);
                 net.push(
                     Finding::new(
                         Cause::NetHighLatency,
-                        format!("round trips to the target take {} ms", rtt.as_millis()),
+                        format!("a handshake round trip to the target took {} ms", rtt.as_millis()),
                     )
                     .with("tcp_connect_ms", tcp.as_millis())
                     .with("x224_round_trip_ms", x224.as_millis())
                     .with("threshold_ms", self.cfg.high_latency.as_millis()),
-                );
-            } else if tcp > self.cfg.retransmission && x224 < self.cfg.retransmission / 4 {
-                net.push(
-                    Finding::new(Cause::NetUnstable, "the TCP connect needed a retransmission-scale delay while later round trips were fast: packet loss suspected")
-                        .with("tcp_connect_ms", tcp.as_millis())
-                        .with("x224_round_trip_ms", x224.as_millis()),
                 );
             }
             let status = if net.is_empty() {

@@ -1,0 +1,590 @@
+//! The NLA stage: CredSSP over the TLS stream the TLS stage handed on.
+//!
+//! Without a credential it sends an NTLM NEGOTIATE and reads the CHALLENGE: the server's CredSSP
+//! version (701 below 5), its computer and domain names (704 when they do not name the expected
+//! computer), its OS build and its clock (705 beyond the tolerance). With a credential it then
+//! completes the NTLMv2 logon (AUTHENTICATE + pubKeyAuth bound to the server's TLS key),
+//! verifies the server's pubKeyAuth answer, and stops: TSCredentials, which would carry the
+//! password itself, is never sent. The connection is closed at the end either way.
+//!
+//! The protocol code is sans-IO ([`ntlm`], [`tsrequest`], [`credssp`]); [`run`] owns the stream
+//! and the time. Every write and read runs under the check's [`Budget`] and one limit for the
+//! whole stage.
+//!
+//! Choices a gateway relies on:
+//! - **No logon towards the wrong computer.** When `expected_computer` is set and the
+//!   CHALLENGE names another computer (704), the AUTHENTICATE is not sent: an NTLMv2 response
+//!   handed to an impostor can be relayed or cracked offline.
+//! - **Failures of the exchange itself are 702** (the catalog's "an NTLM or SPNEGO failure"),
+//!   told apart by evidence: `server_closed_after`, `timeout_after` (each `negotiate` or
+//!   `authenticate`), `decode_error`, `ntlm_error`. A stall is a deny: a real client stalls at
+//!   the same place. Before the AUTHENTICATE no password material has left the plugin and the
+//!   message says so, so that the vault owner is not sent to rotate a password that was never
+//!   tried; `logon_attempted` is false then.
+//! - **The lockout guard.** `logon_attempted` is true once the AUTHENTICATE went out;
+//!   `logon_failed` is true whenever it went out and the logon was not proven (a refusal, a close,
+//!   a timeout, a pubKeyAuth that does not verify): an unknown outcome counts as a failure, the
+//!   safe side for an account with a lockout threshold.
+//! - **Facts** `logon`: `not_attempted`, `accepted`, `refused` (errorCode, close, or an answer
+//!   that does not verify) or `no_answer` (timeout after the AUTHENTICATE).
+//! - An NTSTATUS that has a 6xx meaning is reported with that cause at stage `nla`; the raw
+//!   status is kept in `facts.ntstatus` and in the evidence.
+//! - The clock offset compares the server's MsvAvTimestamp with our clock at the middle of the
+//!   NEGOTIATE/CHALLENGE round trip.
+
+pub mod credssp;
+pub mod ntlm;
+pub mod tsrequest;
+
+use std::time::Duration;
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    time::Instant,
+};
+
+use self::credssp::{Client, Entropy, Identity, Refusal};
+use crate::{
+    cause::{Cause, Severity, Stage},
+    deadline::{Budget, Expired},
+    probe::deadline_finding,
+    report::{Finding, NlaFacts, StageStatus},
+    secret::Credential,
+};
+
+/// What the stage needs from the check.
+#[derive(Debug)]
+pub struct NlaInput<'a> {
+    /// The subjectPublicKey BIT STRING contents of the server's end-entity certificate: what
+    /// CredSSP binds pubKeyAuth to.
+    pub server_public_key: &'a [u8],
+    /// The account to log on with; `None`: NEGOTIATE/CHALLENGE only.
+    pub credential: Option<&'a Credential>,
+    /// The computer the target must be (NetBIOS or DNS name); empty: no comparison.
+    pub expected_computer: &'a str,
+    /// Largest accepted difference between the target's clock and ours.
+    pub clock_tolerance: Duration,
+    /// Our clock, milliseconds since the Unix epoch, when the stage starts.
+    pub now_unix_ms: i64,
+}
+
+/// What the stage found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NlaOutcome {
+    /// `Ok`, or `Failed` when a finding denies by default.
+    pub status: StageStatus,
+    /// Findings.
+    pub findings: Vec<Finding>,
+    /// Facts for the report.
+    pub facts: NlaFacts,
+    /// One line for the stage record.
+    pub detail: String,
+    /// The AUTHENTICATE went out (an attempt against the account's lockout budget).
+    pub logon_attempted: bool,
+    /// The attempt did not prove the password (record it in the lockout guard).
+    pub logon_failed: bool,
+}
+
+impl NlaOutcome {
+    fn new() -> Self {
+        NlaOutcome {
+            status: StageStatus::Ok,
+            findings: Vec::new(),
+            facts: NlaFacts {
+                logon: "not_attempted".into(),
+                ..NlaFacts::default()
+            },
+            detail: String::new(),
+            logon_attempted: false,
+            logon_failed: false,
+        }
+    }
+
+    fn finish(mut self, detail: String) -> Self {
+        let deny = self
+            .findings
+            .iter()
+            .any(|f| f.cause.info().is_some_and(|i| i.severity == Severity::Deny));
+        self.status = if deny { StageStatus::Failed } else { StageStatus::Ok };
+        self.detail = detail;
+        self
+    }
+}
+
+/// Which message the server was answering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Negotiate,
+    Authenticate,
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::Negotiate => "negotiate",
+            Phase::Authenticate => "authenticate",
+        }
+    }
+}
+
+/// How one round trip went wrong.
+#[derive(Debug)]
+enum IoFail {
+    Expired(Expired),
+    Closed {
+        got: Vec<u8>,
+        how: String,
+    },
+    Malformed {
+        error: tsrequest::DecodeError,
+        got: Vec<u8>,
+    },
+}
+
+/// Writes `msg` and reads one TSRequest, all before `stage_deadline` and the check deadline.
+async fn round_trip<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    msg: &[u8],
+    budget: &Budget,
+    stage_deadline: Instant,
+) -> Result<Vec<u8>, IoFail> {
+    let limit = stage_deadline.saturating_duration_since(Instant::now());
+    let io = async {
+        let closed = |got: Vec<u8>, e: std::io::Error| IoFail::Closed {
+            got,
+            how: format!("{:?}", e.kind()),
+        };
+        stream.write_all(msg).await.map_err(|e| closed(Vec::new(), e))?;
+        stream.flush().await.map_err(|e| closed(Vec::new(), e))?;
+        let mut buf = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 4096];
+        loop {
+            match tsrequest::frame_len(&buf) {
+                Ok(Some(n)) if buf.len() >= n => {
+                    buf.truncate(n);
+                    return Ok(buf);
+                }
+                Ok(_) => {}
+                Err(error) => return Err(IoFail::Malformed { error, got: buf }),
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) => {
+                    return Err(IoFail::Closed {
+                        got: buf,
+                        how: "FIN".into(),
+                    })
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(closed(buf, e)),
+            }
+        }
+    };
+    match budget.run(limit, io).await {
+        Ok(r) => r,
+        Err(which) => Err(IoFail::Expired(which)),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter()
+        .take(16)
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The readable name of an NTSTATUS (or SSPI status) a CredSSP server may answer.
+pub fn ntstatus_name(status: u32) -> &'static str {
+    match status {
+        0xC000_006D => "STATUS_LOGON_FAILURE",
+        0xC000_006A => "STATUS_WRONG_PASSWORD",
+        0xC000_0064 => "STATUS_NO_SUCH_USER",
+        0xC000_0234 => "STATUS_ACCOUNT_LOCKED_OUT",
+        0xC000_0072 => "STATUS_ACCOUNT_DISABLED",
+        0xC000_0071 => "STATUS_PASSWORD_EXPIRED",
+        0xC000_0224 => "STATUS_PASSWORD_MUST_CHANGE",
+        0xC000_0193 => "STATUS_ACCOUNT_EXPIRED",
+        0xC000_006F => "STATUS_INVALID_LOGON_HOURS",
+        0xC000_0070 => "STATUS_INVALID_WORKSTATION",
+        0xC000_006E => "STATUS_ACCOUNT_RESTRICTION",
+        0xC000_015B => "STATUS_LOGON_TYPE_NOT_GRANTED",
+        0xC000_0022 => "STATUS_ACCESS_DENIED",
+        0xC000_00BB => "STATUS_NOT_SUPPORTED",
+        0xC000_0413 => "STATUS_AUTHENTICATION_FIREWALL_FAILED",
+        0xC000_0133 => "STATUS_TIME_DIFFERENCE_AT_DC",
+        0xC000_005E => "STATUS_NO_LOGON_SERVERS",
+        0xC000_018D => "STATUS_TRUSTED_RELATIONSHIP_FAILURE",
+        0x8009_030C => "SEC_E_LOGON_DENIED",
+        0x8009_0302 => "SEC_E_UNSUPPORTED_FUNCTION",
+        0x8009_0308 => "SEC_E_INVALID_TOKEN",
+        0x8009_0311 => "SEC_E_NO_AUTHENTICATING_AUTHORITY",
+        0x8009_0322 => "SEC_E_WRONG_PRINCIPAL",
+        _ => "",
+    }
+}
+
+/// The finding for an NTSTATUS from a TSRequest errorCode (catalog stage 7xx, NTSTATUS table).
+pub fn ntstatus_finding(status: u32) -> Finding {
+    let (cause, what) = match status {
+        0xC000_0234 => (Cause::CredAccountLocked, "the account is locked out"),
+        0xC000_0072 => (Cause::CredAccountDisabled, "the account is disabled"),
+        0xC000_0071 => (Cause::CredPasswordExpired, "the password has expired"),
+        0xC000_0224 => (
+            Cause::CredPasswordMustChange,
+            "the password must be changed at next logon",
+        ),
+        0xC000_0193 => (Cause::CredAccountExpired, "the account has expired"),
+        0xC000_006F => (Cause::CredLogonHours, "the account may not log on at this time"),
+        0xC000_0070 => (
+            Cause::CredWorkstationRestricted,
+            "the account may not log on from this workstation",
+        ),
+        0xC000_015B => (
+            Cause::NlaAccessDenied,
+            "the account is not granted logon through Remote Desktop Services on this target",
+        ),
+        0xC000_006D | 0xC000_006A | 0xC000_0064 => (Cause::NlaLogonFailed, "the user name or password is wrong"),
+        _ => (Cause::NlaLogonFailed, "the logon was refused"),
+    };
+    let name = ntstatus_name(status);
+    let label = if name.is_empty() {
+        format!("0x{status:08X}")
+    } else {
+        format!("0x{status:08X} {name}")
+    };
+    let mut f = Finding::new(cause, format!("the target refused the NLA logon: {what} ({label})"))
+        .at(Stage::Nla)
+        .with("ntstatus", format!("0x{status:08X}"));
+    if !name.is_empty() {
+        f = f.with("ntstatus_name", name);
+    }
+    f
+}
+
+/// True when `expected` names the computer the CHALLENGE describes: equal (ignoring case) to
+/// the NetBIOS name, the DNS name or the DNS name's first label. When the target gives no DNS
+/// name, the first label of an expected FQDN is compared with the NetBIOS name (15 characters
+/// at most, as NetBIOS truncates).
+pub fn identity_matches(expected: &str, netbios: &str, dns: &str) -> bool {
+    let e = expected.trim().trim_end_matches('.');
+    if e.is_empty() {
+        return true;
+    }
+    let eq = |a: &str, b: &str| !b.is_empty() && a.eq_ignore_ascii_case(b);
+    let dns = dns.trim_end_matches('.');
+    let dns_first = dns.split('.').next().unwrap_or("");
+    if eq(e, netbios) || eq(e, dns) || eq(e, dns_first) {
+        return true;
+    }
+    if dns.is_empty() && e.contains('.') {
+        let first = e.split('.').next().unwrap_or("");
+        let cut: String = first.chars().take(15).collect();
+        return eq(&cut, netbios);
+    }
+    false
+}
+
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// Fills the facts from the server's hello and judges version, identity and clock.
+fn judge_hello(hello: &credssp::ServerHello, input: &NlaInput<'_>, our_ms: i64, out: &mut NlaOutcome) {
+    let t = &hello.challenge.target_info;
+    let facts = &mut out.facts;
+    facts.credssp_version = hello.credssp_version;
+    facts.netbios_computer = t.nb_computer.clone();
+    facts.netbios_domain = t.nb_domain.clone();
+    facts.dns_computer = t.dns_computer.clone();
+    facts.dns_domain = t.dns_domain.clone();
+    facts.os_version = hello.challenge.version.map(|v| v.to_string()).unwrap_or_default();
+    if hello.credssp_version < 5 {
+        out.findings.push(
+            Finding::new(
+                Cause::NlaCredsspOutdated,
+                format!(
+                    "the target speaks CredSSP version {}: it lacks the CVE-2018-0886 fix \
+                     (clients with the fix fail with the \"encryption oracle remediation\" error)",
+                    hello.credssp_version
+                ),
+            )
+            .with("credssp_version", hello.credssp_version),
+        );
+    }
+    if let Some(ts) = t.timestamp {
+        let theirs = ntlm::filetime_to_unix_ms(ts);
+        let offset = theirs - our_ms;
+        out.facts.clock_offset_millis = Some(offset);
+        let tolerance = i64::try_from(input.clock_tolerance.as_millis()).unwrap_or(i64::MAX);
+        if offset.unsigned_abs() > tolerance.unsigned_abs() {
+            let dir = if offset > 0 { "ahead of" } else { "behind" };
+            out.findings.push(
+                Finding::new(
+                    Cause::ClockSkew,
+                    format!(
+                        "the target's clock is {} s {dir} ours (tolerance {} s): Kerberos logons to it will fail",
+                        offset.unsigned_abs() / 1000,
+                        input.clock_tolerance.as_secs()
+                    ),
+                )
+                .with("clock_offset_ms", offset)
+                .with("tolerance_ms", tolerance)
+                .with("target_time", rfc3339(theirs))
+                .with("our_time", rfc3339(our_ms)),
+            );
+        }
+    }
+    if !input.expected_computer.trim().is_empty()
+        && !identity_matches(input.expected_computer, &t.nb_computer, &t.dns_computer)
+    {
+        let named = match (t.nb_computer.is_empty(), t.dns_computer.is_empty()) {
+            (true, true) => "names no computer".to_owned(),
+            (false, true) => format!("names {}", t.nb_computer),
+            (true, false) => format!("names {}", t.dns_computer),
+            (false, false) => format!("names {} ({})", t.nb_computer, t.dns_computer),
+        };
+        out.findings.push(
+            Finding::new(
+                Cause::TargetIdentityMismatch,
+                format!(
+                    "expected computer {:?}, but the target's NTLM challenge {named}",
+                    input.expected_computer.trim()
+                ),
+            )
+            .with("expected_computer", input.expected_computer.trim())
+            .with("netbios_computer", &t.nb_computer)
+            .with("dns_computer", &t.dns_computer)
+            .with("netbios_domain", &t.nb_domain),
+        );
+    }
+}
+
+/// The finding for a round trip that failed.
+fn io_finding(fail: &IoFail, phase: Phase, budget: &Budget, waited: Duration) -> Finding {
+    let after = phase.as_str();
+    let sent = match phase {
+        Phase::Negotiate => "no password material was sent",
+        Phase::Authenticate => "the logon was attempted",
+    };
+    match fail {
+        IoFail::Expired(Expired::Check) => deadline_finding(Stage::Nla, budget).with("waiting_after", after),
+        IoFail::Expired(Expired::Stage) => Finding::new(
+            Cause::NlaLogonFailed,
+            format!(
+                "the target's CredSSP did not answer the {} message within {} ms ({sent})",
+                after.to_uppercase(),
+                waited.as_millis()
+            ),
+        )
+        .with("timeout_after", after)
+        .with("waited_ms", waited.as_millis()),
+        IoFail::Closed { got, how } => {
+            let msg = match phase {
+                Phase::Negotiate => "the target closed the connection after the NTLM NEGOTIATE: NLA cannot complete \
+                                     (no password material was sent)"
+                    .to_owned(),
+                Phase::Authenticate => "the target closed the connection after the AUTHENTICATE message with no \
+                                        errorCode: the logon was refused (wrong password or unknown account)"
+                    .to_owned(),
+            };
+            let mut f = Finding::new(Cause::NlaLogonFailed, msg)
+                .with("server_closed_after", after)
+                .with("how", how);
+            if !got.is_empty() {
+                f = f.with("bytes_received", got.len()).with("first_bytes", hex(got));
+            }
+            f
+        }
+        IoFail::Malformed { error, got } => Finding::new(
+            Cause::NlaLogonFailed,
+            format!(
+                "the target answered the {} message with something that is not a TSRequest ({sent})",
+                after.to_uppercase()
+            ),
+        )
+        .with("phase", after)
+        .with("decode_error", error)
+        .with("first_bytes", hex(got)),
+    }
+}
+
+/// The finding for a refusal read from a well-framed answer.
+fn refusal_finding(r: &Refusal, phase: Phase) -> Finding {
+    let after = phase.as_str();
+    match r {
+        Refusal::ErrorCode { status, version } => {
+            let f = ntstatus_finding(*status).with("credssp_version", version);
+            if phase == Phase::Negotiate {
+                f.with("phase", after)
+            } else {
+                f
+            }
+        }
+        Refusal::PubKeyAuthMismatch(why) => Finding::new(
+            Cause::NlaLogonFailed,
+            format!(
+                "the target's pubKeyAuth answer {why}: the TLS connection may be intercepted; \
+                 the logon is not trusted"
+            ),
+        )
+        .with("phase", after)
+        .with("possible_interception", true),
+        other => Finding::new(
+            Cause::NlaLogonFailed,
+            format!(
+                "the CredSSP exchange failed after the {} message: {other}",
+                after.to_uppercase()
+            ),
+        )
+        .with("phase", after)
+        .with(
+            match other {
+                Refusal::Ntlm(_) => "ntlm_error",
+                Refusal::NotTsRequest(_) => "decode_error",
+                _ => "error",
+            },
+            other,
+        ),
+    }
+}
+
+async fn close<S: AsyncWrite + Unpin>(stream: &mut S, budget: &Budget) {
+    let _ = budget.run(Duration::from_millis(250), stream.shutdown()).await;
+}
+
+fn random_entropy() -> Entropy {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let rng = SystemRandom::new();
+    Entropy::from_fn(|b| {
+        if rng.fill(b).is_err() {
+            // No OS randomness: refuse to run with predictable values; the clock is a poor but
+            // non-constant fallback and the exchange still never reveals the password.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            for (i, x) in b.iter_mut().enumerate() {
+                *x = (t >> ((i % 16) * 8)) as u8 ^ (i as u8);
+            }
+        }
+    })
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Runs the stage on `stream` (the TLS stream after the X.224 exchange selected HYBRID or
+/// HYBRID_EX). Never sends TSCredentials; shuts the stream down at the end.
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    input: &NlaInput<'_>,
+    budget: &Budget,
+    stage_limit: Duration,
+) -> NlaOutcome {
+    let started = Instant::now();
+    let stage_deadline = started + stage_limit;
+    let mut out = NlaOutcome::new();
+    let identity = input.credential.map(Identity::from_credential);
+    let account = identity.as_ref().map(Identity::display);
+    let mut client = Client::new(identity, random_entropy());
+
+    // NEGOTIATE → CHALLENGE.
+    let negotiate = client.negotiate();
+    let sent_at = started.elapsed();
+    let answer = round_trip(stream, &negotiate, budget, stage_deadline).await;
+    let received_at = started.elapsed();
+    let bytes = match answer {
+        Ok(b) => b,
+        Err(fail) => {
+            out.findings
+                .push(io_finding(&fail, Phase::Negotiate, budget, received_at));
+            close(stream, budget).await;
+            return out.finish("no CHALLENGE from the target".into());
+        }
+    };
+    let hello = match client.on_challenge(&bytes) {
+        Ok(h) => h,
+        Err(r) => {
+            if let Refusal::ErrorCode { status, version } = r {
+                out.facts.ntstatus = Some(status);
+                out.facts.credssp_version = version;
+            }
+            out.findings.push(refusal_finding(&r, Phase::Negotiate));
+            close(stream, budget).await;
+            return out.finish(format!("no CHALLENGE: {r}"));
+        }
+    };
+    let our_ms = input.now_unix_ms + millis((sent_at + received_at) / 2);
+    judge_hello(&hello, input, our_ms, &mut out);
+    let who = if out.facts.netbios_computer.is_empty() {
+        out.facts.dns_computer.clone()
+    } else {
+        out.facts.netbios_computer.clone()
+    };
+    let summary = format!("CredSSP v{}, computer {who:?}", out.facts.credssp_version);
+
+    let Some(account) = account else {
+        close(stream, budget).await;
+        return out.finish(format!("{summary}; no credential: logon not attempted"));
+    };
+    if out.findings.iter().any(|f| f.cause == Cause::TargetIdentityMismatch) {
+        close(stream, budget).await;
+        return out.finish(format!(
+            "{summary}; logon not attempted: the target is not the expected computer"
+        ));
+    }
+    if input.credential.is_some_and(|c| c.password.is_empty()) {
+        close(stream, budget).await;
+        return out.finish(format!("{summary}; empty password: logon not attempted"));
+    }
+
+    // AUTHENTICATE + pubKeyAuth → pubKeyAuth | errorCode | close.
+    let now_ft = ntlm::unix_ms_to_filetime(input.now_unix_ms + millis(started.elapsed()));
+    let authenticate = match client.authenticate(input.server_public_key, now_ft) {
+        Ok(m) => m,
+        Err(r) => {
+            out.findings.push(refusal_finding(&r, Phase::Negotiate));
+            close(stream, budget).await;
+            return out.finish(format!("{summary}; logon not attempted: {r}"));
+        }
+    };
+    out.logon_attempted = true;
+    let answer = round_trip(stream, &authenticate, budget, stage_deadline).await;
+    let waited = started.elapsed();
+    let result = match answer {
+        Ok(bytes) => client.on_answer(&bytes).map_err(|r| {
+            if let Refusal::ErrorCode { status, .. } = r {
+                out.facts.ntstatus = Some(status);
+            }
+            refusal_finding(&r, Phase::Authenticate)
+        }),
+        Err(fail) => {
+            if matches!(fail, IoFail::Expired(_)) {
+                out.facts.logon = "no_answer".into();
+            }
+            Err(io_finding(&fail, Phase::Authenticate, budget, waited))
+        }
+    };
+    close(stream, budget).await;
+    match result {
+        Ok(()) => {
+            out.facts.logon = "accepted".into();
+            out.finish(format!("{summary}; logon accepted for {account}"))
+        }
+        Err(f) => {
+            if out.facts.logon != "no_answer" {
+                out.facts.logon = "refused".into();
+            }
+            out.logon_failed = true;
+            let detail = format!("{summary}; logon for {account} not accepted: {}", f.cause.name());
+            out.findings.push(f.with("account", &account));
+            out.finish(detail)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
