@@ -60,6 +60,11 @@ enum Command {
     },
     /// Run one check in-process and print the report.
     Check(Box<CheckArgs>),
+    /// Review the audit log: list, summary, verify, tail.
+    Audit {
+        #[command(subcommand)]
+        command: crate::audit::cli::AuditCommand,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -160,6 +165,7 @@ pub fn main() -> ExitCode {
             allow_loopback,
         } => serve(config.as_deref(), listen, allow_loopback),
         Command::Check(args) => check(*args),
+        Command::Audit { command } => crate::audit::cli::run(command),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check(&file),
@@ -221,12 +227,13 @@ fn serve(path: Option<&Path>, listen: Option<String>, allow_loopback: bool) -> E
                 return ExitCode::FAILURE;
             }
         };
-        let addr = bound.describe();
-        tracing::info!(listen = %addr, version = env!("CARGO_PKG_VERSION"), "serving preflight.v1");
-        // Machine-readable line for supervisors and tests that bind port 0.
-        println!("listening on {addr}");
-        let _ = std::io::stdout().flush();
-        match crate::serve(cfg, bound, shutdown_signal()).await {
+        let ready = |addr: &str| {
+            tracing::info!(listen = %addr, version = env!("CARGO_PKG_VERSION"), "serving preflight.v1");
+            // Machine-readable line for supervisors and tests that bind port 0.
+            println!("listening on {addr}");
+            let _ = std::io::stdout().flush();
+        };
+        match crate::serve_with_ready(cfg, bound, shutdown_signal(), ready).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("rdp-preflight: {e}");

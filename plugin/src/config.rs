@@ -56,6 +56,10 @@ pub struct FileConfig {
     pub directory: crate::credential::DirectoryFile,
     /// `[nla]`: the CredSSP / NTLM stage.
     pub nla: NlaFile,
+    /// `[audit]`: the durable, hash-chained record of rejected sessions.
+    pub audit: crate::audit::AuditFile,
+    /// `[admin]`: the metrics listener.
+    pub admin: crate::metrics::AdminFile,
 }
 
 /// `[nla]`: the NLA stage, run after a clean TLS stage when the server selected HYBRID or
@@ -377,6 +381,10 @@ pub struct Config {
     pub nla_guard_window: Duration,
     /// Further distinct passwords within the window.
     pub nla_guard_max_distinct_failures: u32,
+    /// Audit log (`None`: no audit log).
+    pub audit: Option<crate::audit::AuditConfig>,
+    /// Admin listener for `/metrics` and `/healthz` (`None`: off).
+    pub admin_listen: Option<SocketAddr>,
     /// Directory for credential pre-validation (`None`: no LDAP bind).
     pub directory: Option<crate::credential::DirectoryConfig>,
     /// The file mirror this was built from (for `config check`).
@@ -631,6 +639,8 @@ impl FileConfig {
             nla_timeout: ms("nla.timeout_ms", self.nla.timeout_ms)?,
             nla_guard_window: Duration::from_secs(self.nla.guard_window_secs),
             nla_guard_max_distinct_failures: self.nla.guard_max_distinct_failures,
+            audit: self.audit.validate().map_err(ConfigError)?,
+            admin_listen: self.admin.validate().map_err(ConfigError)?,
             directory: self.directory.validate().map_err(ConfigError)?,
             file: self.clone(),
         })

@@ -77,8 +77,43 @@ pub async fn serve(
     bound: Bound,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), String> {
+    serve_with_ready(cfg, bound, shutdown, |_| {}).await
+}
+
+/// Like [`serve`]; `ready` is called with the listen address once everything that can fail at
+/// startup (audit log, admin listener, directory client) is in place.
+pub async fn serve_with_ready(
+    cfg: Arc<config::Config>,
+    bound: Bound,
+    shutdown: impl Future<Output = ()> + Send,
+    ready: impl FnOnce(&str),
+) -> Result<(), String> {
+    let audit = match &cfg.audit {
+        Some(a) => Some(
+            audit::AuditLog::open(a.clone())
+                .await
+                .map_err(|e| format!("audit log: {e}"))?,
+        ),
+        None => None,
+    };
+    let metrics = Arc::new(metrics::Metrics::new());
+    let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
+    let admin = match cfg.admin_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("admin listener {addr}: {e}"))?;
+            tracing::info!(listen = %addr, "serving /metrics and /healthz");
+            let mut rx = admin_stopped.clone();
+            Some(tokio::spawn(metrics::serve_admin(l, metrics.clone(), async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })))
+        }
+        None => None,
+    };
     let checker = Arc::new(check::Checker::new(cfg).map_err(|e| format!("startup: {e}"))?);
-    let (router, reporter) = service::router(checker).await?;
+    let (router, reporter) = service::router(checker, audit.clone(), metrics).await?;
+    ready(&bound.describe());
     let shutdown = async move {
         shutdown.await;
         service::set_not_serving(&reporter).await;
@@ -95,5 +130,13 @@ pub async fn serve(
                 .await
         }
     };
+    // Drained: flush the audit log, then stop the admin listener.
+    if let Some(a) = audit {
+        a.close().await;
+    }
+    let _ = stop_admin.send(true);
+    if let Some(h) = admin {
+        let _ = h.await;
+    }
     r.map_err(|e| format!("server: {e}"))
 }

@@ -11,9 +11,11 @@ use tonic::{Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
+    audit::{AuditLog, AuditRecord},
     cause::{self, Cause, Stage, CATALOG},
     check::{CheckInput, Checker},
     config::Config,
+    metrics::Metrics,
     probe::x224::protocol,
     report::{Report, StageStatus, Verdict},
     secret::{Credential, Password},
@@ -30,16 +32,21 @@ pub struct PreflightService {
     checker: Arc<Checker>,
     admission: Arc<Semaphore>,
     running: Arc<Semaphore>,
+    audit: Option<AuditLog>,
+    metrics: Arc<Metrics>,
 }
 
 impl PreflightService {
-    /// A service running checks on `checker`, with the config's admission limits.
-    pub fn new(checker: Arc<Checker>) -> Self {
+    /// A service running checks on `checker`, with the config's admission limits, recording to
+    /// `audit` what its config asks for.
+    pub fn new(checker: Arc<Checker>, audit: Option<AuditLog>, metrics: Arc<Metrics>) -> Self {
         let cfg = checker.config();
         PreflightService {
             admission: Arc::new(Semaphore::new(cfg.max_concurrent_checks + cfg.max_queued_checks)),
             running: Arc::new(Semaphore::new(cfg.max_concurrent_checks)),
             checker,
+            audit,
+            metrics,
         }
     }
 }
@@ -49,10 +56,14 @@ impl pb::preflight_server::Preflight for PreflightService {
     async fn check(&self, request: Request<pb::CheckRequest>) -> Result<Response<pb::CheckReport>, Status> {
         let cfg = self.checker.config().clone();
         let deadline = grpc_timeout(request.metadata());
-        let input = validate(request.into_inner(), &cfg, deadline)?;
+        let input = validate(request.into_inner(), &cfg, deadline)
+            .inspect_err(|_| self.metrics.rejected("invalid_argument"))?;
         let Ok(_queued) = self.admission.clone().try_acquire_owned() else {
+            self.metrics.rejected("overloaded");
             return Err(Status::resource_exhausted("too many checks in flight; retry later"));
         };
+        let tracked = self.metrics.track();
+        let recorded = self.audit.as_ref().map(|_| input.clone());
         let _slot = self
             .running
             .clone()
@@ -61,6 +72,24 @@ impl pb::preflight_server::Preflight for PreflightService {
             .map_err(|_| Status::unavailable("shutting down"))?;
         let span = tracing::info_span!("check", request_id = %input.request_id, host = %input.host, port = input.port);
         let report = tracing::Instrument::instrument(self.checker.check(input), span.clone()).await;
+        // A DENY is on disk before the answer leaves; if it cannot be, the gateway gets an
+        // error, never an unrecorded verdict.
+        if let (Some(audit), Some(input)) = (&self.audit, recorded) {
+            if audit.wants(report.verdict) {
+                let t0 = std::time::Instant::now();
+                let written = audit.record(AuditRecord::new(&input, &report)).await;
+                self.metrics.audit_write(t0.elapsed(), written.is_ok());
+                if let Err(e) = written {
+                    span.in_scope(
+                        || tracing::error!(check_id = %report.check_id, error = %e, "audit record not written"),
+                    );
+                    return Err(Status::unavailable(
+                        "the audit log cannot be written: no verdict is given",
+                    ));
+                }
+            }
+        }
+        tracked.finish(&report);
         span.in_scope(|| {
             tracing::info!(
                 check_id = %report.check_id,
@@ -464,6 +493,8 @@ pub fn to_proto(r: &Report, cfg: &Config) -> pb::CheckReport {
 /// configured.
 pub async fn router(
     checker: Arc<Checker>,
+    audit: Option<AuditLog>,
+    metrics: Arc<Metrics>,
 ) -> Result<(tonic::transport::server::Router, tonic_health::server::HealthReporter), String> {
     let cfg = checker.config().clone();
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -476,6 +507,7 @@ pub async fn router(
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
     let token = cfg.bearer_token.clone();
+    let m = metrics.clone();
     let auth = move |req: Request<()>| match &token {
         None => Ok(req),
         Some(t) => {
@@ -488,12 +520,13 @@ pub async fn router(
             if constant_time_eq(got.as_bytes(), t.expose().as_bytes()) {
                 Ok(req)
             } else {
+                m.rejected("unauthenticated");
                 Err(Status::unauthenticated("missing or wrong bearer token"))
             }
         }
     };
-    let svc =
-        pb::preflight_server::PreflightServer::new(PreflightService::new(checker)).max_decoding_message_size(64 * 1024);
+    let svc = pb::preflight_server::PreflightServer::new(PreflightService::new(checker, audit, metrics))
+        .max_decoding_message_size(64 * 1024);
     let svc = tonic::service::interceptor::InterceptedService::new(svc, auth);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &cfg.server_tls {

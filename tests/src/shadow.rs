@@ -74,7 +74,7 @@ impl Shadow {
         let xvfb_bin = tool("Xvfb", "xvfb");
         let shadow_bin = tool("freerdp-shadow-cli", "freerdp2-shadow-x11");
         let hash_bin = tool("winpr-hash", "winpr-utils");
-        let dir = tempfile::tempdir().expect("tempdir");
+        let mut dir = tempfile::tempdir().expect("tempdir");
 
         // SAM file: one `user:domain:LM:NT:::` line per account.
         let mut sam = String::new();
@@ -90,95 +90,67 @@ impl Shadow {
         let sam_path = dir.path().join("sam");
         fs::write(&sam_path, sam).expect("write SAM");
 
-        // Xvfb on a display of our choosing: a second server on a taken display exits
-        // ("cannot establish any listening sockets") and the next number is tried. With
-        // `-displayfd 1` it writes the number to stdout once it accepts connections. Startups
-        // within this process are serialised (parallel `-displayfd` auto-selection races).
-        let (xvfb, display) = {
-            let _serial = STARTING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let mut tries = 0;
-            loop {
-                tries += 1;
-                let display = next_display();
-                let xlog = fs::File::create(dir.path().join("xvfb.log")).expect("log");
-                let mut xvfb = Command::new(&xvfb_bin)
-                    .arg(format!(":{display}"))
-                    .args(["-displayfd", "1", "-screen", "0", "640x480x24", "-nolisten", "tcp"])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(xlog)
-                    .spawn()
-                    .expect("spawn Xvfb");
-                let mut line = String::new();
-                if let Some(out) = xvfb.stdout.take() {
-                    // Xvfb either writes the number or exits (EOF): this read cannot hang.
-                    let _ = BufReader::new(out).read_line(&mut line);
-                }
-                if line.trim() == display.to_string() {
-                    break (xvfb, display);
-                }
-                let _ = xvfb.kill();
-                let _ = xvfb.wait();
-                assert!(
-                    tries < 20,
-                    "Xvfb did not start: {}",
-                    log_tail(&dir.path().join("xvfb.log"))
-                );
-            }
-        };
-
-        let port = free_port();
+        // Startups are serialised within this process: shadow servers started side by side
+        // sometimes fail to open their (distinct) X displays. A start that fails that way is
+        // retried on a fresh display.
+        let _serial = STARTING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let home = dir.path().join("home");
         fs::create_dir_all(&home).expect("home");
         let log_path = dir.path().join("shadow.log");
-        let log = fs::File::create(&log_path).expect("log");
-        let server = Command::new(&shadow_bin)
-            .arg(format!("/port:{port}"))
-            .arg("/bind-address:127.0.0.1")
-            .arg("/sec:nla")
-            .arg(format!("/sam-file:{}", sam_path.display()))
-            .env("DISPLAY", format!(":{display}"))
-            .env("HOME", &home)
-            .env("XDG_CONFIG_HOME", home.join(".config"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn freerdp-shadow-cli");
-        let mut s = Shadow {
-            xvfb: Some(xvfb),
-            server: Some(server),
-            dir,
-            port,
-            display,
-        };
-        let until = Instant::now() + Duration::from_secs(10);
+        let mut attempt = 0;
         loop {
-            if TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok() {
-                return s;
+            attempt += 1;
+            let (xvfb, display) = start_xvfb(&xvfb_bin, dir.path());
+            let port = free_port();
+            let log = fs::File::create(&log_path).expect("log");
+            let server = Command::new(&shadow_bin)
+                .arg(format!("/port:{port}"))
+                .arg("/bind-address:127.0.0.1")
+                .arg("/sec:nla")
+                .arg(format!("/sam-file:{}", sam_path.display()))
+                .env("DISPLAY", format!(":{display}"))
+                .env("HOME", &home)
+                .env("XDG_CONFIG_HOME", home.join(".config"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .expect("spawn freerdp-shadow-cli");
+            let mut s = Shadow {
+                xvfb: Some(xvfb),
+                server: Some(server),
+                dir,
+                port,
+                display,
+            };
+            let until = Instant::now() + Duration::from_secs(10);
+            let exited = loop {
+                if TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok() {
+                    return s;
+                }
+                let exited = s.server.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                if exited.is_some() || Instant::now() > until {
+                    break exited;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            };
+            let log = log_tail(&log_path);
+            if exited.is_some() && log.contains("failed to open display") && attempt < 4 {
+                // Keep the temporary directory for the next attempt.
+                s.stop();
+                dir = std::mem::replace(&mut s.dir, tempfile::tempdir().expect("tempdir"));
+                continue;
             }
-            let exited = s.server.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            let xvfb_exited = s.xvfb.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            assert!(
-                exited.is_none() && Instant::now() < until,
-                "freerdp-shadow-cli did not start listening on 127.0.0.1:{port} ({exited:?}):\n{}\n\
-                 Xvfb :{display} ({xvfb_exited:?}):\n{}",
-                log_tail(&log_path),
+            panic!(
+                "freerdp-shadow-cli did not start listening on 127.0.0.1:{port} ({exited:?}):\n{log}\n\
+                 Xvfb :{display}:\n{}",
                 log_tail(&s.dir.path().join("xvfb.log"))
             );
-            std::thread::sleep(Duration::from_millis(25));
         }
     }
 
-    /// The server's log so far (for failure messages).
-    pub fn log(&self) -> String {
-        log_tail(&self.dir.path().join("shadow.log"))
-    }
-}
-
-impl Drop for Shadow {
-    fn drop(&mut self) {
-        // SIGTERM first so that Xvfb removes its socket and lock file; SIGKILL if it lingers.
+    fn stop(&mut self) {
+        // SIGTERM first so that Xvfb removes its socket; SIGKILL if it lingers.
         for child in [self.server.take(), self.xvfb.take()].into_iter().flatten() {
             let mut child = child;
             let _ = Command::new("kill")
@@ -192,5 +164,47 @@ impl Drop for Shadow {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The server's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        log_tail(&self.dir.path().join("shadow.log"))
+    }
+}
+
+impl Drop for Shadow {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Xvfb on a display of our choosing: a second server on a taken display exits ("cannot
+/// establish any listening sockets") and the next number is tried. With `-displayfd 1` it
+/// writes the number to stdout once it accepts connections.
+fn start_xvfb(bin: &Path, dir: &Path) -> (Child, u32) {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let display = next_display();
+        let xlog = fs::File::create(dir.join("xvfb.log")).expect("log");
+        let mut xvfb = Command::new(bin)
+            .arg(format!(":{display}"))
+            .args(["-displayfd", "1", "-screen", "0", "640x480x24", "-nolisten", "tcp"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(xlog)
+            .spawn()
+            .expect("spawn Xvfb");
+        let mut line = String::new();
+        if let Some(out) = xvfb.stdout.take() {
+            // Xvfb either writes the number or exits (EOF): this read cannot hang.
+            let _ = BufReader::new(out).read_line(&mut line);
+        }
+        if line.trim() == display.to_string() {
+            return (xvfb, display);
+        }
+        let _ = xvfb.kill();
+        let _ = xvfb.wait();
+        assert!(tries < 20, "Xvfb did not start: {}", log_tail(&dir.join("xvfb.log")));
     }
 }

@@ -286,7 +286,7 @@ fn kill_9_of_a_writer_loses_no_acknowledged_record() {
 /// The acceptance test against the real service: needs `[audit]` wired into the
 /// config, `Check` to record every DENY before answering, and `rdp-preflight audit verify`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs the service wiring"]
+
 async fn kill_9_of_the_service_under_load_loses_no_deny() {
     use integration_tests::plugin::{client, plugin_bin, serve_binary};
     use rdp_preflight_proto::v1 as pb;

@@ -252,6 +252,10 @@ fn materialize(root: &Path, key: &str, path: &str) {
     std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
     let body = match key {
         "pin_store" | "unix_socket" => return,
+        "dir" => {
+            std::fs::create_dir_all(p).expect("mkdir");
+            return;
+        }
         "tls_key" => rcgen::KeyPair::generate().expect("key").serialize_pem(),
         k if k.ends_with("password_file") || k.ends_with("token_file") => "deploy-test-secret-0123456789\n".to_owned(),
         _ => ca_pem(),
@@ -870,6 +874,11 @@ fn serve_and_probe(what: &str, argv: &[String], config_rel: &str, state_dir: &st
     let mut cmd = plugin_command();
     cmd.args(&args)
         .env("RDP_PREFLIGHT_SERVER__LISTEN", "127.0.0.1:0")
+        .env("RDP_PREFLIGHT_ADMIN__LISTEN", "127.0.0.1:0")
+        .env(
+            "RDP_PREFLIGHT_AUDIT__DIR",
+            reroot(root.path(), "/var/lib/rdp-preflight/audit"),
+        )
         .env("STATE_DIRECTORY", reroot(root.path(), state_dir))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1154,6 +1163,8 @@ fn sample(key: &str, pem: &str, secret: &str, tmp: &Path) -> (String, Vec<(&'sta
         "directory.service_password_env" => ("DEPLOY_TEST_PASSWORD".into(), vec![]),
         "directory.search_base" => ("dc=example,dc=test".into(), vec![]),
         "directory.default_policy_dn" => ("cn=default,ou=policies,dc=example,dc=test".into(), vec![]),
+        "audit.dir" => ("/tmp/rdp-preflight-deploy-test-audit".into(), vec![]),
+        "admin.listen" => ("127.0.0.1:9464".into(), vec![]),
         other => panic!("tests/tests/deploy.rs: add a sample value for {other} to sample()"),
     }
 }
