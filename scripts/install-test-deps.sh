@@ -44,3 +44,39 @@ else
     echo "install-test-deps: slapd or ldap-utils still missing after install" >&2
     exit 1
 fi
+
+# ---------------------------------------------------------------------------------------------
+# NLA tests (tests/tests/nla_shadow.rs): FreeRDP's shadow server as a real CredSSP/NLA target,
+# run under Xvfb, with accounts in a SAM file made by winpr-hash.
+#   freerdp2-shadow-x11 -> /usr/bin/freerdp-shadow-cli
+#   winpr-utils         -> /usr/bin/winpr-hash
+#   xvfb                -> /usr/bin/Xvfb
+# Idempotent: installs only what is missing.
+# ---------------------------------------------------------------------------------------------
+nla_have_all() {
+    command -v freerdp-shadow-cli >/dev/null 2>&1 && command -v winpr-hash >/dev/null 2>&1 \
+        && command -v Xvfb >/dev/null 2>&1
+}
+
+if nla_have_all; then
+    echo "install-test-deps: freerdp-shadow-cli, winpr-hash and Xvfb already installed"
+else
+    NLA_SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1; then
+            NLA_SUDO="sudo"
+        else
+            echo "install-test-deps: run as root (freerdp2-shadow-x11, winpr-utils or xvfb missing)" >&2
+            exit 1
+        fi
+    fi
+    $NLA_SUDO apt-get update
+    $NLA_SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        freerdp2-shadow-x11 winpr-utils xvfb
+    if nla_have_all; then
+        echo "install-test-deps: $(freerdp-shadow-cli /version 2>&1 | grep -o 'version [^ ]*' | head -n1 || true)"
+    else
+        echo "install-test-deps: freerdp-shadow-cli, winpr-hash or Xvfb still missing after install" >&2
+        exit 1
+    fi
+fi

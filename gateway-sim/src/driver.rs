@@ -197,7 +197,7 @@ pub fn check_request(scenario: &Scenario, row: &Row, addr: SocketAddr, attempt: 
         .as_deref()
         .and_then(|name| scenario.account(name))
         .map(|account| Credential {
-            username: account.name.clone(),
+            username: row.user.clone().unwrap_or_else(|| account.name.clone()),
             domain: account.domain.clone().unwrap_or_default(),
             password: row.password.clone().unwrap_or_else(|| account.password.clone()),
         });

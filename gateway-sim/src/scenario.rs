@@ -498,6 +498,8 @@ pub struct Row {
     pub account: Option<String>,
     /// Password sent instead of the account's (wrong-password rows).
     pub password: Option<String>,
+    /// User name sent instead of the account's (unknown-account rows).
+    pub user: Option<String>,
     /// Target.expected_name; `None` = the target's name.
     pub expected_name: Option<String>,
     /// Requested protocols; empty = the plugin's default.
@@ -809,6 +811,7 @@ struct RawRow {
     target: String,
     account: Option<String>,
     password: Option<String>,
+    user: Option<String>,
     expected_name: Option<String>,
     #[serde(default)]
     protocols: Vec<String>,
@@ -882,11 +885,15 @@ impl RawRow {
         if self.expected_computer.as_deref() == Some("") {
             return Err("key \"expected_computer\": empty".to_owned());
         }
+        if self.user.is_some() && self.account.is_none() {
+            return Err("key \"user\": needs key \"account\" (whose password it sends)".to_owned());
+        }
         Ok(Row {
             name: self.name,
             target: self.target,
             account: self.account,
             password: self.password,
+            user: self.user,
             expected_name: self.expected_name,
             protocols,
             expect_cause,

@@ -55,7 +55,7 @@ async fn default_scenario_every_row_matches_through_the_serve_binary() {
     assert!(driver::all_passed(&rows), "mismatches:\n{table}");
 }
 
-/// Every cause of stages 2xx-5xx the fleet can produce is covered by a default-scenario row.
+/// Every cause the fleet and the simulated directory can produce has a default-scenario row.
 #[test]
 fn default_scenario_covers_the_probe_causes() {
     let scenario = default_scenario();
@@ -92,6 +92,23 @@ fn default_scenario_covers_the_probe_causes() {
         "CERT_WRONG_USAGE",
         "NET_HIGH_LATENCY",
         "NET_UNSTABLE",
+        "CRED_INVALID",
+        "CRED_ACCOUNT_NOT_FOUND",
+        "CRED_ACCOUNT_DISABLED",
+        "CRED_ACCOUNT_LOCKED",
+        "CRED_PASSWORD_EXPIRED",
+        "CRED_PASSWORD_MUST_CHANGE",
+        "CRED_ACCOUNT_EXPIRED",
+        "CRED_LOGON_HOURS",
+        "CRED_WORKSTATION_RESTRICTED",
+        "CRED_TOKEN_TOO_LARGE",
+        "CRED_LOCKOUT_GUARD",
+        "CRED_MISSING",
+        "NLA_CREDSSP_OUTDATED",
+        "NLA_LOGON_FAILED",
+        "NLA_ACCESS_DENIED",
+        "TARGET_IDENTITY_MISMATCH",
+        "CLOCK_SKEW",
     ] {
         assert!(have.iter().any(|h| h == want), "no default-scenario row expects {want}");
     }

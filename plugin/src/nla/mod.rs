@@ -14,7 +14,8 @@
 //! Choices a gateway relies on:
 //! - **No logon towards the wrong computer.** When `expected_computer` is set and the
 //!   CHALLENGE names another computer (704), the AUTHENTICATE is not sent: an NTLMv2 response
-//!   handed to an impostor can be relayed or cracked offline.
+//!   handed to an impostor can be relayed or cracked offline. A CHALLENGE that names no
+//!   computer at all cannot prove the identity either: also 704 (fail closed).
 //! - **Failures of the exchange itself are 702** (the catalog's "an NTLM or SPNEGO failure"),
 //!   told apart by evidence: `server_closed_after`, `timeout_after` (each `negotiate` or
 //!   `authenticate`), `decode_error`, `ntlm_error`. A stall is a deny: a real client stalls at
@@ -29,6 +30,8 @@
 //!   that does not verify) or `no_answer` (timeout after the AUTHENTICATE).
 //! - An NTSTATUS that has a 6xx meaning is reported with that cause at stage `nla`; the raw
 //!   status is kept in `facts.ntstatus` and in the evidence.
+//! - An empty password is never tried (detail says so, no finding: the credential stage owns
+//!   `CRED_MISSING`).
 //! - The clock offset compares the server's MsvAvTimestamp with our clock at the middle of the
 //!   NEGOTIATE/CHALLENGE round trip.
 

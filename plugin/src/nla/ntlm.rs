@@ -623,8 +623,11 @@ pub fn authenticate(inp: &AuthInput<'_>) -> Result<Authenticated, NtlmError> {
     if ch.target_info_raw.is_empty() {
         return Err(NtlmError::Unsupported("target info (needed by NTLMv2)"));
     }
-    // What both sides support, as the AUTHENTICATE of MS-NLMP 4.2.4.3 states it.
-    let negotiated = (ch.flags & (flags::CLIENT | flags::TARGET_INFO)) | flags::UNICODE | flags::REQUEST_TARGET;
+    // What both sides support, as the AUTHENTICATE of MS-NLMP 4.2.4.3 states it. VERSION is
+    // always claimed because the Version field is always there: a server that reads the MIC
+    // after the Version only when the flag is set then finds it at offset 72.
+    let negotiated =
+        (ch.flags & (flags::CLIENT | flags::TARGET_INFO)) | flags::UNICODE | flags::REQUEST_TARGET | flags::VERSION;
     let with_mic = ch.target_info.timestamp.is_some();
     let time = ch.target_info.timestamp.unwrap_or(inp.now_filetime);
     let info = client_target_info(&ch.target_info_raw, with_mic)?;
@@ -918,6 +921,18 @@ mod tests {
                 m[byte] ^= 1 << bit;
                 let _ = decode_challenge(&m);
             }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoding_hostile_bytes_never_panics(tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            // A valid header followed by anything: exercises the field and AV pair bounds.
+            let mut m = windows_like_challenge()[..56].to_vec();
+            m.extend_from_slice(&tail);
+            let _ = decode_challenge(&m);
+            let _ = decode_challenge(&tail);
+            let _ = decode_target_info(&tail);
         }
     }
 
