@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Installs what the integration tests need beyond the Rust toolchain:
-#   - OpenLDAP slapd (with the ppolicy overlay module) and ldap-utils (ldapadd, ldapwhoami),
-#     used by tests/tests/ldap.rs and the ldap_bench example.
-# Idempotent: does nothing when slapd and ldapwhoami are already installed.
-# Must run as root (or with sudo available) on Debian 12; non-interactive.
+# Installs the real peers the integration tests run against, from Debian's packages, when absent:
+#   - OpenLDAP slapd (with the ppolicy overlay) and ldap-utils (ldapadd, ldapwhoami):
+#     tests/tests/ldap.rs and the ldap_bench example;
+#   - FreeRDP's shadow server (freerdp2-shadow-x11: freerdp-shadow-cli), winpr-utils
+#     (winpr-hash, for its SAM file) and Xvfb: tests/tests/nla_shadow.rs.
+# Idempotent: installs nothing when every tool is present. Non-interactive; needs root (or sudo).
 set -euo pipefail
 
-have_all() {
-    [ -x /usr/sbin/slapd ] && command -v ldapwhoami >/dev/null 2>&1 && command -v ldapadd >/dev/null 2>&1
-}
+missing=()
+[ -x /usr/sbin/slapd ] || missing+=(slapd)
+command -v ldapwhoami >/dev/null 2>&1 && command -v ldapadd >/dev/null 2>&1 || missing+=(ldap-utils)
+command -v freerdp-shadow-cli >/dev/null 2>&1 || missing+=(freerdp2-shadow-x11)
+command -v winpr-hash >/dev/null 2>&1 || missing+=(winpr-utils)
+command -v Xvfb >/dev/null 2>&1 || missing+=(xvfb)
 
-if have_all; then
-    echo "install-test-deps: slapd and ldap-utils already installed"
+if [ ${#missing[@]} -eq 0 ]; then
+    echo "install-test-deps: slapd, ldap-utils, freerdp-shadow-cli, winpr-hash and Xvfb already installed"
     exit 0
 fi
 
@@ -20,63 +24,29 @@ if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1; then
         SUDO="sudo"
     else
-        echo "install-test-deps: run as root (slapd and ldap-utils are missing)" >&2
+        echo "install-test-deps: run as root (missing: ${missing[*]})" >&2
         exit 1
     fi
 fi
 
 export DEBIAN_FRONTEND=noninteractive
 # slapd's maintainer scripts would otherwise create and start a system instance; the tests run
-# their own instances from temporary directories, so skip the default configuration.
+# their own instances from temporary directories.
 echo "slapd slapd/no_configuration boolean true" | $SUDO debconf-set-selections 2>/dev/null || true
 
+echo "install-test-deps: installing ${missing[*]}"
 $SUDO apt-get update
-$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slapd ldap-utils
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 
-# The package may have started a system slapd (it is not needed; the tests use their own).
+# A system slapd the package may have started is not needed.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet slapd 2>/dev/null; then
     $SUDO systemctl stop slapd || true
 fi
 
-if have_all; then
-    echo "install-test-deps: slapd $(/usr/sbin/slapd -VVV 2>&1 | head -n1 | tr -s ' ')"
-else
-    echo "install-test-deps: slapd or ldap-utils still missing after install" >&2
-    exit 1
-fi
-
-# ---------------------------------------------------------------------------------------------
-# NLA tests (tests/tests/nla_shadow.rs): FreeRDP's shadow server as a real CredSSP/NLA target,
-# run under Xvfb, with accounts in a SAM file made by winpr-hash.
-#   freerdp2-shadow-x11 -> /usr/bin/freerdp-shadow-cli
-#   winpr-utils         -> /usr/bin/winpr-hash
-#   xvfb                -> /usr/bin/Xvfb
-# Idempotent: installs only what is missing.
-# ---------------------------------------------------------------------------------------------
-nla_have_all() {
-    command -v freerdp-shadow-cli >/dev/null 2>&1 && command -v winpr-hash >/dev/null 2>&1 \
-        && command -v Xvfb >/dev/null 2>&1
-}
-
-if nla_have_all; then
-    echo "install-test-deps: freerdp-shadow-cli, winpr-hash and Xvfb already installed"
-else
-    NLA_SUDO=""
-    if [ "$(id -u)" -ne 0 ]; then
-        if command -v sudo >/dev/null 2>&1; then
-            NLA_SUDO="sudo"
-        else
-            echo "install-test-deps: run as root (freerdp2-shadow-x11, winpr-utils or xvfb missing)" >&2
-            exit 1
-        fi
-    fi
-    $NLA_SUDO apt-get update
-    $NLA_SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        freerdp2-shadow-x11 winpr-utils xvfb
-    if nla_have_all; then
-        echo "install-test-deps: $(freerdp-shadow-cli /version 2>&1 | grep -o 'version [^ ]*' | head -n1 || true)"
-    else
-        echo "install-test-deps: freerdp-shadow-cli, winpr-hash or Xvfb still missing after install" >&2
+for tool in /usr/sbin/slapd ldapwhoami ldapadd freerdp-shadow-cli winpr-hash Xvfb; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "install-test-deps: $tool still missing after install" >&2
         exit 1
     fi
-fi
+done
+echo "install-test-deps: ready ($(/usr/sbin/slapd -VVV 2>&1 | head -n1 | tr -s ' '))"

@@ -193,7 +193,8 @@ pub fn init_tracing(cfg: &Config) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = if cfg.log_json {
         builder.json().try_init()
     } else {

@@ -103,7 +103,8 @@ pub async fn serve_with_ready(
             let l = TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("admin listener {addr}: {e}"))?;
-            tracing::info!(listen = %addr, "serving /metrics and /healthz");
+            let bound = l.local_addr().map_or_else(|_| addr.to_string(), |a| a.to_string());
+            tracing::info!(listen = %bound, "admin listener: serving /metrics and /healthz");
             let mut rx = admin_stopped.clone();
             Some(tokio::spawn(metrics::serve_admin(l, metrics.clone(), async move {
                 let _ = rx.wait_for(|stop| *stop).await;

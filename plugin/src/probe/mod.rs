@@ -762,6 +762,11 @@ fn tcp_finding(addr: SocketAddr, e: &io::Error) -> Finding {
             "the target refused the TCP connection: nothing listens on the port",
         ),
         io::ErrorKind::TimedOut => (Cause::TcpTimeout, "the TCP connect timed out"),
+        // The handshake completed and the target reset it before the connect returned.
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => (
+            Cause::X224Closed,
+            "the target accepted TCP and reset the connection at once",
+        ),
         _ => (
             Cause::TcpUnreachable,
             "the target is unreachable (no route, ICMP unreachable or network down)",

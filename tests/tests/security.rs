@@ -1,0 +1,422 @@
+//! The plugin cannot be turned against its network, leaks no password, and survives hostile
+//! targets: real sockets on loopback, the real binary where logs matter.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use gateway_sim::{
+    demo::{Harness, DEFAULT_SCENARIO},
+    scenario::Scenario,
+};
+use integration_tests::plugin::{plugin_bin, serve_binary, InProcess};
+use rdp_preflight::config::FileConfig;
+use rdp_preflight_proto::v1::{self as pb, Cause, CheckRequest, StageStatus, Target, Verdict};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+const CANARY: &str = "Canary-9f3c-Pw!";
+
+fn req(host: &str, port: u16) -> CheckRequest {
+    CheckRequest {
+        request_id: format!("sec-{host}-{port}"),
+        target: Some(Target {
+            host: host.into(),
+            port: u32::from(port),
+            ..Default::default()
+        }),
+        credential: None,
+        requester: Some(pb::Requester {
+            user: "tester".into(),
+            source_address: "127.0.0.1".into(),
+        }),
+    }
+}
+
+fn base_config() -> FileConfig {
+    let mut cfg = FileConfig::default();
+    cfg.cert.pin_store = "memory".into();
+    cfg
+}
+
+fn stage_status(r: &pb::CheckReport, s: pb::Stage) -> Option<StageStatus> {
+    r.stages.iter().find(|x| x.stage() == s).map(|x| x.status())
+}
+
+/// SSRF: loopback (also through a DNS name), cloud metadata and non-allowlisted targets are
+/// refused before any connection is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_refuses_loopback_metadata_and_unlisted_targets_without_traffic() {
+    // Something listens on loopback: a refused policy must not even connect to it.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let plugin = InProcess::start(&base_config()).await;
+    let mut client = plugin.client().await;
+    for host in [
+        "127.0.0.1",
+        "localhost",
+        "169.254.169.254",
+        "fd00:ec2::254",
+        "::1",
+        "0.0.0.0",
+    ] {
+        let r = client.check(req(host, port)).await.expect("answered").into_inner();
+        assert_eq!(r.primary_cause(), Cause::PolicyTargetDenied, "{host}: {r:?}");
+        assert_eq!(r.verdict(), Verdict::Deny);
+        assert_eq!(stage_status(&r, pb::Stage::Tcp), Some(StageStatus::NotRun), "{host}");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), listener.accept())
+            .await
+            .is_err(),
+        "a refused target was connected to"
+    );
+
+    // The opt-in allows loopback but never the metadata address.
+    let mut cfg = base_config();
+    cfg.policy.allow_loopback = true;
+    cfg.policy.allow_networks = vec!["10.0.0.0/8".into(), "127.0.0.0/8".into()];
+    cfg.policy.allow_ports = vec![port];
+    let plugin = InProcess::start(&cfg).await;
+    let mut client = plugin.client().await;
+    let r = client
+        .check(req("169.254.169.254", port))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(r.primary_cause(), Cause::PolicyTargetDenied);
+    let r = client
+        .check(req("192.0.2.10", port))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(r.primary_cause(), Cause::PolicyTargetDenied, "outside allow_networks");
+    let r = client
+        .check(req("127.0.0.1", 3389))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(r.primary_cause(), Cause::PolicyTargetDenied, "port outside allow_ports");
+    let evidence: Vec<_> = r.findings[0].evidence.iter().map(|e| e.value.clone()).collect();
+    assert!(evidence.iter().any(|v| v.contains("allow_ports")), "{evidence:?}");
+}
+
+async fn metrics_text(addr: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin listener");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.expect("read");
+    body
+}
+
+fn admin_addr(stderr: &str) -> Option<String> {
+    stderr.lines().filter(|l| l.contains("admin listener")).find_map(|l| {
+        l.split("listen=")
+            .nth(1)
+            .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
+    })
+}
+
+/// A canary password used on every path (directory bind, NLA logon, invalid request, CLI)
+/// never shows in logs at trace level, audit files, metrics or error messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_password_never_leaks() {
+    let scenario = Scenario::parse(DEFAULT_SCENARIO).expect("scenario");
+    let mut harness = Harness::start(&scenario).await.expect("fleet");
+    let audit = tempfile::tempdir().expect("tmp");
+    harness.plugin_config.audit.dir = Some(audit.path().join("a"));
+    harness.plugin_config.audit.all_checks = true;
+    harness.plugin_config.admin.listen = Some("127.0.0.1:0".into());
+    let env = [("RUST_LOG", "trace")];
+    let served = serve_binary(&harness.write_plugin_config().expect("config"), &env);
+    let mut nla_cfg = harness.nla_only_config();
+    nla_cfg.audit.dir = Some(audit.path().join("b"));
+    nla_cfg.audit.all_checks = true;
+    nla_cfg.admin.listen = Some("127.0.0.1:0".into());
+    let nla_path = harness.files.path().join("nla-canary.toml");
+    std::fs::write(&nla_path, toml::to_string(&nla_cfg).expect("toml")).expect("write");
+    let nla = serve_binary(&nla_path, &env);
+
+    let target = |name: &str| harness.env.fleet.addr(name).expect("target");
+    let with_cred = |addr: SocketAddr, name: &str, user: &str| {
+        let mut r = req(&addr.ip().to_string(), addr.port());
+        r.target.as_mut().expect("target").expected_name = name.into();
+        r.credential = Some(pb::Credential {
+            username: user.into(),
+            domain: String::new(),
+            password: CANARY.into(),
+        });
+        r
+    };
+    let mut client = integration_tests::plugin::client(&served.endpoint()).await;
+    let r = client
+        .check(with_cred(target("healthy-tls"), "healthy-tls", "alice"))
+        .await
+        .expect("ok")
+        .into_inner();
+    assert_eq!(r.primary_cause(), Cause::CredInvalid, "directory path ran");
+    let mut nla_client = integration_tests::plugin::client(&nla.endpoint()).await;
+    let r = nla_client
+        .check(with_cred(target("nla-healthy"), "nla-healthy", "wanda"))
+        .await
+        .expect("ok")
+        .into_inner();
+    assert_eq!(r.primary_cause(), Cause::NlaLogonFailed, "NLA logon path ran: {r:?}");
+    let mut bad = with_cred(target("healthy-tls"), "healthy-tls", "");
+    bad.request_id = String::new();
+    let st = client.check(bad).await.expect_err("invalid");
+    assert!(!format!("{st:?}").contains(CANARY));
+
+    // The CLI, with the password from the environment.
+    let addr = target("healthy-tls");
+    let ca = harness.files.path().join("fleet-ca.pem");
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new(plugin_bin())
+            .args([
+                "check",
+                "--host",
+                &addr.ip().to_string(),
+                "--port",
+                &addr.port().to_string(),
+            ])
+            .args([
+                "--allow-loopback",
+                "--pin-store",
+                "memory",
+                "--expected-name",
+                "healthy-tls",
+                "--trust-anchor",
+            ])
+            .arg(&ca)
+            .args(["--user", "alice", "--password-env", "PREFLIGHT_CANARY", "--json"])
+            .args(["--directory", &harness.directory_url().expect("directory")])
+            .arg("--directory-ca")
+            .arg(harness.plugin_config.directory.ca_file.as_ref().expect("ca"))
+            .args(["--bind-as", &harness.plugin_config.directory.bind_as])
+            .env("PREFLIGHT_CANARY", CANARY)
+            .env("RUST_LOG", "trace")
+            .output()
+            .expect("cli")
+    });
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let cli = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(cli.contains("CAUSE_CRED_INVALID"));
+    assert!(!cli.contains(CANARY), "CLI output leaks the password");
+
+    for (what, s) in [("plugin", &served), ("nla plugin", &nla)] {
+        let log = s.stderr.lock().map(|l| l.clone()).unwrap_or_default();
+        assert!(log.len() > 1000, "{what}: trace logs were captured");
+        assert!(!log.contains(CANARY), "{what} logs leak the password");
+        let admin = admin_addr(&log).unwrap_or_else(|| panic!("{what}: admin address in logs"));
+        let m = metrics_text(&admin).await;
+        assert!(m.contains("rdp_preflight_checks_total"), "{m}");
+        assert!(!m.contains(CANARY));
+    }
+    let mut audit_text = String::new();
+    for sub in ["a", "b"] {
+        for e in std::fs::read_dir(audit.path().join(sub)).expect("audit dir").flatten() {
+            audit_text.push_str(&std::fs::read_to_string(e.path()).expect("read"));
+        }
+    }
+    assert!(
+        audit_text.contains("\"alice\"") && audit_text.contains("\"wanda\""),
+        "accounts are recorded"
+    );
+    assert!(!audit_text.contains(CANARY), "audit files leak the password");
+}
+
+/// Spawns a loopback server running `serve` on every connection.
+async fn hostile<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let serve = std::sync::Arc::new(serve);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    addr
+}
+
+/// Reads the 19-byte X.224 request and answers a confirm selecting TLS.
+async fn confirm_ssl(s: &mut tokio::net::TcpStream) {
+    let mut cr = [0u8; 19];
+    let _ = s.read_exact(&mut cr).await;
+    // TPKT len 19 | LI 14 | CC | refs | class | RDP_NEG_RSP flags 0 len 8 | SSL
+    let cc = [3, 0, 0, 19, 14, 0xd0, 0, 0, 0, 0, 0, 2, 0, 8, 0, 1, 0, 0, 0];
+    let _ = s.write_all(&cc).await;
+}
+
+fn vm_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Hostile targets: endless garbage, oversized TLS records, a 1 MiB certificate message, a
+/// one-byte-a-second drip and thousands of resets end in a cause within the check deadline,
+/// with memory bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_targets_cannot_exhaust_memory_or_outlive_the_deadline() {
+    let mut cfg = base_config();
+    cfg.policy.allow_loopback = true;
+    cfg.probe.x224_timeout_ms = 1500;
+    cfg.probe.tls_timeout_ms = 1500;
+    cfg.network.retry_transient = false;
+    let plugin = InProcess::start(&cfg).await;
+    let mut client = plugin.client().await;
+    let rss0 = vm_rss_kib();
+
+    let endless = |after_confirm: bool| {
+        move |mut s: tokio::net::TcpStream| async move {
+            if after_confirm {
+                confirm_ssl(&mut s).await;
+            }
+            let junk = vec![0x41u8; 64 * 1024];
+            for _ in 0..4096 {
+                if s.write_all(&junk).await.is_err() {
+                    break;
+                }
+            }
+        }
+    };
+    let oversized = |mut s: tokio::net::TcpStream| async move {
+        confirm_ssl(&mut s).await;
+        let mut rec = vec![0x16, 0x03, 0x03, 0xff, 0xff];
+        rec.extend(std::iter::repeat_n(0u8, 0xffff));
+        for _ in 0..64 {
+            if s.write_all(&rec).await.is_err() {
+                break;
+            }
+        }
+    };
+    let huge_cert = |mut s: tokio::net::TcpStream| async move {
+        confirm_ssl(&mut s).await;
+        // Handshake records carrying a Certificate message (type 11) that claims 1 MiB.
+        let mut first = vec![0x16, 0x03, 0x03, 0x40, 0x00, 0x0b, 0x10, 0x00, 0x00];
+        first.extend(std::iter::repeat_n(0x30u8, 0x4000 - 4));
+        let _ = s.write_all(&first).await;
+        let mut rec = vec![0x16, 0x03, 0x03, 0x40, 0x00];
+        rec.extend(std::iter::repeat_n(0x30u8, 0x4000));
+        for _ in 0..64 {
+            if s.write_all(&rec).await.is_err() {
+                break;
+            }
+        }
+    };
+    let drip = |mut s: tokio::net::TcpStream| async move {
+        let mut cr = [0u8; 19];
+        let _ = s.read_exact(&mut cr).await;
+        for b in [3u8, 0, 0, 19, 14, 0xd0, 0, 0, 0, 0, 0, 2, 0, 8, 0, 1, 0, 0, 0] {
+            if s.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    let cases: Vec<(&str, SocketAddr, &[Cause])> = vec![
+        ("endless garbage", hostile(endless(false)).await, &[Cause::X224NotRdp]),
+        (
+            "garbage after the confirm",
+            hostile(endless(true)).await,
+            &[Cause::TlsProtocolError],
+        ),
+        (
+            "oversized TLS records",
+            hostile(oversized).await,
+            &[Cause::TlsProtocolError, Cause::TlsAlert],
+        ),
+        (
+            "1 MiB certificate message",
+            hostile(huge_cert).await,
+            &[Cause::TlsProtocolError, Cause::TlsAlert],
+        ),
+        ("one byte a second", hostile(drip).await, &[Cause::X224Timeout]),
+    ];
+    for (what, addr, causes) in cases {
+        let mut r = tonic::Request::new(req("127.0.0.1", addr.port()));
+        r.set_timeout(Duration::from_secs(4));
+        let t0 = Instant::now();
+        let report = client
+            .check(r)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+            .into_inner();
+        assert!(t0.elapsed() < Duration::from_secs(4), "{what} took {:?}", t0.elapsed());
+        assert_eq!(report.verdict(), Verdict::Deny, "{what}");
+        assert!(
+            causes.contains(&report.primary_cause()),
+            "{what}: {:?}",
+            report.primary_cause()
+        );
+    }
+
+    // Thousands of resets: accept and close at once with SO_LINGER 0 (RST).
+    let resets = hostile(|s: tokio::net::TcpStream| async move {
+        // A zero linger makes close() send RST at once (it cannot block: nothing to flush).
+        #[allow(deprecated)]
+        let _ = s.set_linger(Some(Duration::ZERO));
+        drop(s);
+    })
+    .await;
+    let t0 = Instant::now();
+    let mut answered = 0;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..2000u32 {
+        let mut c = client.clone();
+        tasks.spawn(async move {
+            c.check(req("127.0.0.1", resets.port()))
+                .await
+                .map(|r| (i, r.into_inner()))
+        });
+        if tasks.len() >= 32 {
+            if let Some(Ok(Ok((_, r)))) = tasks.join_next().await {
+                assert!(
+                    matches!(r.primary_cause(), Cause::X224Closed | Cause::TcpRefused),
+                    "{:?}",
+                    r.findings
+                );
+                answered += 1;
+            }
+        }
+    }
+    while let Some(res) = tasks.join_next().await {
+        if let Ok(Ok((_, r))) = res {
+            assert!(
+                matches!(r.primary_cause(), Cause::X224Closed | Cause::TcpRefused),
+                "{:?}",
+                r.primary_cause()
+            );
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 2000, "every reset check answered");
+    assert!(t0.elapsed() < Duration::from_secs(60));
+    // Still healthy afterwards.
+    let r = client
+        .check(req("127.0.0.1", resets.port()))
+        .await
+        .expect("still serving")
+        .into_inner();
+    assert_eq!(r.verdict(), Verdict::Deny);
+    let grown_mib = vm_rss_kib().saturating_sub(rss0) / 1024;
+    assert!(grown_mib < 64, "memory grew by {grown_mib} MiB");
+}
