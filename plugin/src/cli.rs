@@ -509,12 +509,34 @@ pub fn render_table(r: &Report) -> String {
             if c.self_signed { " (self-signed)" } else { "" }
         );
     }
-    if !r.credential.checked_by.is_empty() {
+    let n = &r.nla;
+    if n.credssp_version != 0 {
+        let offset = n.clock_offset_millis.map_or("-".to_owned(), |o| format!("{o:+} ms"));
         let _ = writeln!(
             s,
-            "  credential checked by {} as {} at {}",
-            r.credential.checked_by, r.credential.bind_identity, r.credential.directory_server
+            "  nla CredSSP v{}  computer {} / {}  domain {} / {}  os {}  clock offset {offset}  logon {}",
+            n.credssp_version,
+            n.netbios_computer,
+            n.dns_computer,
+            n.netbios_domain,
+            n.dns_domain,
+            n.os_version,
+            n.logon
         );
+    }
+    let c = &r.credential;
+    match c.checked_by.as_str() {
+        "" => {}
+        "ldap" => {
+            let _ = writeln!(
+                s,
+                "  credential checked by LDAP bind as {} at {}",
+                c.bind_identity, c.directory_server
+            );
+        }
+        other => {
+            let _ = writeln!(s, "  credential checked by {other} on the target");
+        }
     }
     s
 }
