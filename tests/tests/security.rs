@@ -420,3 +420,158 @@ async fn hostile_targets_cannot_exhaust_memory_or_outlive_the_deadline() {
     let grown_mib = vm_rss_kib().saturating_sub(rss0) / 1024;
     assert!(grown_mib < 64, "memory grew by {grown_mib} MiB");
 }
+
+/// Overload: beyond the concurrent checks and the queue, RESOURCE_EXHAUSTED at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_resource_exhausted_not_a_backlog() {
+    // A target that accepts and never answers keeps the one slot busy.
+    let silent = hostile(|mut s: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 64];
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    })
+    .await;
+    let mut cfg = base_config();
+    cfg.policy.allow_loopback = true;
+    cfg.server.max_concurrent_checks = 1;
+    cfg.server.max_queued_checks = 0;
+    cfg.probe.x224_timeout_ms = 1500;
+    let plugin = InProcess::start(&cfg).await;
+    let mut first = plugin.client().await;
+    let busy = tokio::spawn(async move { first.check(req("127.0.0.1", silent.port())).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    let st = plugin
+        .client()
+        .await
+        .check(req("127.0.0.1", silent.port()))
+        .await
+        .expect_err("overloaded");
+    assert_eq!(st.code(), tonic::Code::ResourceExhausted);
+    assert!(t0.elapsed() < Duration::from_millis(500), "refused at once, not queued");
+    let r = busy
+        .await
+        .expect("task")
+        .expect("the admitted check is answered")
+        .into_inner();
+    assert_eq!(r.primary_cause(), Cause::X224Timeout);
+}
+
+/// Listener hardening: a bearer token is required when configured; a Unix socket serves;
+/// TLS with a client CA refuses clients without a certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_unix_socket_and_mutual_tls() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = "s3cret-token-0123456789";
+    std::fs::write(dir.path().join("token"), format!("{token}\n")).expect("write");
+    let mut cfg = base_config();
+    cfg.server.bearer_token_file = Some(dir.path().join("token"));
+    let plugin = InProcess::start(&cfg).await;
+    let mut client = plugin.client().await;
+    let st = client
+        .list_causes(pb::ListCausesRequest {})
+        .await
+        .expect_err("no token");
+    assert_eq!(st.code(), tonic::Code::Unauthenticated);
+    let mut r = tonic::Request::new(pb::ListCausesRequest {});
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().expect("header"));
+    assert!(client.list_causes(r).await.is_ok());
+    let mut r = tonic::Request::new(pb::ListCausesRequest {});
+    r.metadata_mut().insert(
+        "authorization",
+        "Bearer wrong-token-0123456789".parse().expect("header"),
+    );
+    assert_eq!(
+        client.list_causes(r).await.expect_err("wrong").code(),
+        tonic::Code::Unauthenticated
+    );
+
+    // Unix domain socket.
+    let sock = dir.path().join("preflight.sock");
+    let mut cfg = base_config();
+    cfg.server.unix_socket = Some(sock.clone());
+    let validated = std::sync::Arc::new(cfg.validate().expect("valid"));
+    let bound = rdp_preflight::Bound::bind(&validated).await.expect("bind unix");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(rdp_preflight::serve(validated, bound, async {
+        let _ = stopped.await;
+    }));
+    let path = sock.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://unix.invalid")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect over the socket");
+    let causes = pb::preflight_client::PreflightClient::new(channel)
+        .list_causes(pb::ListCausesRequest {})
+        .await
+        .expect("served over the Unix socket");
+    assert!(!causes.into_inner().causes.is_empty());
+    let _ = stop.send(());
+    let _ = server.await;
+
+    // Mutual TLS: a client without a certificate is refused at the handshake.
+    let ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    let mut ca = ca;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let ca_cert = ca.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::from_params(&ca, &ca_key);
+    let server_key = rcgen::KeyPair::generate().expect("key");
+    let server_cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .signed_by(&server_key, &issuer)
+        .expect("cert");
+    std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).expect("write");
+    std::fs::write(dir.path().join("server.pem"), server_cert.pem()).expect("write");
+    std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).expect("write");
+    let mut cfg = base_config();
+    cfg.server.tls_cert = Some(dir.path().join("server.pem"));
+    cfg.server.tls_key = Some(dir.path().join("server.key"));
+    cfg.server.client_ca = Some(dir.path().join("ca.pem"));
+    let plugin = InProcess::start(&cfg).await;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_cert.pem()))
+        .domain_name("localhost");
+    let endpoint = format!("https://localhost:{}", plugin.addr.port());
+    let refused = async {
+        let ch = tonic::transport::Endpoint::from_shared(endpoint.clone())?
+            .tls_config(tls.clone())?
+            .connect()
+            .await?;
+        pb::preflight_client::PreflightClient::new(ch)
+            .list_causes(pb::ListCausesRequest {})
+            .await
+            .map_err(|e| e.into())
+    };
+    let r: Result<_, Box<dyn std::error::Error>> = refused.await;
+    assert!(r.is_err(), "a client without a certificate must be refused");
+    let client_key = rcgen::KeyPair::generate().expect("key");
+    let client_cert = rcgen::CertificateParams::new(vec!["gateway".to_owned()])
+        .expect("params")
+        .signed_by(&client_key, &issuer)
+        .expect("cert");
+    let tls = tls.identity(tonic::transport::Identity::from_pem(
+        client_cert.pem(),
+        client_key.serialize_pem(),
+    ));
+    let ch = tonic::transport::Endpoint::from_shared(endpoint)
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("mTLS connect");
+    let causes = pb::preflight_client::PreflightClient::new(ch)
+        .list_causes(pb::ListCausesRequest {})
+        .await
+        .expect("served over mTLS");
+    assert!(!causes.into_inner().causes.is_empty());
+}
