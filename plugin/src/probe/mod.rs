@@ -858,3 +858,28 @@ async fn exchange_x224(stream: &mut TcpStream, cr: &[u8]) -> Result<(x224::Serve
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_errors_map_to_their_causes() {
+        let addr: SocketAddr = "192.0.2.1:3389".parse().expect("addr");
+        let cause = |k: io::ErrorKind| tcp_finding(addr, &io::Error::from(k)).cause;
+        assert_eq!(cause(io::ErrorKind::ConnectionRefused), Cause::TcpRefused);
+        assert_eq!(cause(io::ErrorKind::TimedOut), Cause::TcpTimeout);
+        assert_eq!(cause(io::ErrorKind::NetworkUnreachable), Cause::TcpUnreachable);
+        assert_eq!(cause(io::ErrorKind::HostUnreachable), Cause::TcpUnreachable);
+        assert_eq!(cause(io::ErrorKind::NetworkDown), Cause::TcpUnreachable);
+        assert_eq!(cause(io::ErrorKind::ConnectionReset), Cause::X224Closed);
+        // ENETUNREACH as the OS reports it keeps the raw number as evidence.
+        let f = tcp_finding(addr, &io::Error::from_raw_os_error(101));
+        assert_eq!(f.cause, Cause::TcpUnreachable);
+        assert!(
+            f.evidence.contains(&("os_error".into(), "101".into())),
+            "{:?}",
+            f.evidence
+        );
+    }
+}
