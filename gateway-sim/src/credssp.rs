@@ -647,15 +647,15 @@ impl<'a> CredSspServer<'a> {
     }
 }
 
-/// A minimal CredSSP client for the tests only: raw NTLM, NTLMv2 with MIC and key exchange,
-/// written against the same MS-NLMP helpers.
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-pub(crate) mod test_client {
+/// A minimal CredSSP client (raw NTLM, NTLMv2 with MIC and key exchange), written against the
+/// same MS-NLMP helpers: the tests' client and the bench's direct baseline. Its client
+/// challenge, exported session key and clientNonce are fixed: it exercises the targets, it
+/// protects nothing.
+pub(crate) mod client {
     use super::*;
     use crate::ntlm::flag;
 
-    /// What the test client asks for in its NEGOTIATE.
+    /// What the client asks for in its NEGOTIATE.
     pub(crate) const CLIENT_FLAGS: u32 = flag::UNICODE
         | flag::REQUEST_TARGET
         | flag::SIGN
@@ -674,29 +674,52 @@ pub(crate) mod test_client {
     pub(crate) struct Challenge {
         pub(crate) flags: u32,
         pub(crate) server_challenge: [u8; 8],
+        /// Read by the tests only.
+        #[cfg_attr(not(test), allow(dead_code))]
         pub(crate) target_name: String,
         pub(crate) target_info: Vec<u8>,
+        /// Read by the tests only.
+        #[cfg_attr(not(test), allow(dead_code))]
         pub(crate) version: [u8; 8],
     }
 
-    pub(crate) fn parse_challenge(msg: &[u8]) -> Challenge {
-        assert_eq!(&msg[..8], b"NTLMSSP\0");
-        assert_eq!(u32::from_le_bytes(msg[8..12].try_into().unwrap()), 2);
-        let field = |at: usize| {
-            let len = usize::from(u16::from_le_bytes(msg[at..at + 2].try_into().unwrap()));
-            let off = u32::from_le_bytes(msg[at + 4..at + 8].try_into().unwrap()) as usize;
-            msg[off..off + len].to_vec()
-        };
-        Challenge {
-            flags: u32::from_le_bytes(msg[20..24].try_into().unwrap()),
-            server_challenge: msg[24..32].try_into().unwrap(),
-            target_name: ntlm::from_utf16le(&field(12)).unwrap(),
-            target_info: field(40),
-            version: msg[48..56].try_into().unwrap(),
+    /// Parses a CHALLENGE_MESSAGE (MS-NLMP 2.2.1.2).
+    pub(crate) fn parse_challenge(msg: &[u8]) -> Result<Challenge, String> {
+        if msg.get(..8) != Some(&ntlm::SIGNATURE[..]) {
+            return Err("not an NTLM message".to_owned());
         }
+        let le16 = |at: usize| msg.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+        let le32 = |at: usize| {
+            msg.get(at..at + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        };
+        if le32(8) != Some(ntlm::CHALLENGE) {
+            return Err("not a CHALLENGE".to_owned());
+        }
+        let field = |at: usize, name: &str| -> Result<Vec<u8>, String> {
+            let len = usize::from(le16(at).ok_or_else(|| format!("no {name}"))?);
+            let off = le32(at + 4).ok_or_else(|| format!("no {name}"))? as usize;
+            msg.get(off..off.saturating_add(len))
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| format!("{name} outside the message"))
+        };
+        let bytes8 = |at: usize, name: &str| -> Result<[u8; 8], String> {
+            msg.get(at..at + 8)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| format!("no {name}"))
+        };
+        Ok(Challenge {
+            flags: le32(20).ok_or("no NegotiateFlags")?,
+            server_challenge: bytes8(24, "ServerChallenge")?,
+            target_name: ntlm::from_utf16le(&field(12, "TargetName")?).ok_or("TargetName not UTF-16")?,
+            target_info: field(40, "TargetInfo")?,
+            version: bytes8(48, "Version")?,
+        })
     }
 
-    pub(crate) struct TestClient {
+    /// One client conversation: NEGOTIATE, AUTHENTICATE (+ pubKeyAuth), the server's
+    /// pubKeyAuth checked, TSCredentials.
+    pub(crate) struct Client {
         pub(crate) user: String,
         pub(crate) domain: String,
         pub(crate) password: String,
@@ -713,9 +736,11 @@ pub(crate) mod test_client {
         security: Option<SessionSecurity>,
     }
 
-    impl TestClient {
+    impl Client {
+        /// A client logging on as `user` / `domain` with `password`, binding `public_key` (the
+        /// server certificate's SubjectPublicKey, see [`subject_public_key`]).
         pub(crate) fn new(user: &str, domain: &str, password: &str, public_key: Vec<u8>) -> Self {
-            TestClient {
+            Client {
                 user: user.to_owned(),
                 domain: domain.to_owned(),
                 password: password.to_owned(),
@@ -732,8 +757,8 @@ pub(crate) mod test_client {
 
         /// TSRequest { version, negoTokens: NEGOTIATE }.
         pub(crate) fn negotiate(&mut self) -> Vec<u8> {
-            let mut m = b"NTLMSSP\0".to_vec();
-            m.extend_from_slice(&1u32.to_le_bytes());
+            let mut m = ntlm::SIGNATURE.to_vec();
+            m.extend_from_slice(&ntlm::NEGOTIATE.to_le_bytes());
             m.extend_from_slice(&CLIENT_FLAGS.to_le_bytes());
             m.extend_from_slice(&[0; 16]); // DomainNameFields, WorkstationFields: empty
             m.extend_from_slice(&ntlm::version(10, 0, 19041));
@@ -746,14 +771,22 @@ pub(crate) mod test_client {
             .encode()
         }
 
+        /// The CHALLENGE carried by the server's answer to the NEGOTIATE (and its bytes).
+        pub(crate) fn challenge(&mut self, reply: &[u8]) -> Result<(Challenge, Vec<u8>), String> {
+            let ts = TsRequest::decode(reply).map_err(|e| e.to_string())?;
+            if let Some(code) = ts.error_code {
+                return Err(format!("errorCode {code:#010x}"));
+            }
+            self.server_version = ts.version;
+            let bytes = ts.nego_tokens.into_iter().next().ok_or("no negoToken")?;
+            Ok((parse_challenge(&bytes)?, bytes))
+        }
+
         /// From the server's CHALLENGE TSRequest, TSRequest { AUTHENTICATE, pubKeyAuth,
         /// clientNonce }.
-        pub(crate) fn authenticate(&mut self, reply: &[u8]) -> Vec<u8> {
-            let ts = TsRequest::decode(reply).unwrap();
-            self.server_version = ts.version;
-            let challenge_bytes = ts.nego_tokens[0].clone();
-            let challenge = parse_challenge(&challenge_bytes);
-            let server_pairs = ntlm::parse_av_pairs(&challenge.target_info).unwrap();
+        pub(crate) fn authenticate(&mut self, reply: &[u8]) -> Result<Vec<u8>, String> {
+            let (challenge, challenge_bytes) = self.challenge(reply)?;
+            let server_pairs = ntlm::parse_av_pairs(&challenge.target_info).map_err(|e| e.to_string())?;
             let timestamp = server_pairs
                 .iter()
                 .find(|(id, _)| *id == av::TIMESTAMP)
@@ -790,7 +823,8 @@ pub(crate) mod test_client {
                 nt,
                 encrypted_key,
             ] {
-                fields.push((part.len() as u16, (header + payload.len()) as u32));
+                let len = u16::try_from(part.len()).map_err(|_| "AUTHENTICATE field too long")?;
+                fields.push((len, (header + payload.len()) as u32));
                 payload.extend_from_slice(&part);
             }
             let field = |i: usize| {
@@ -800,8 +834,8 @@ pub(crate) mod test_client {
                 f.extend_from_slice(&off.to_le_bytes());
                 f
             };
-            let mut m = b"NTLMSSP\0".to_vec();
-            m.extend_from_slice(&3u32.to_le_bytes());
+            let mut m = ntlm::SIGNATURE.to_vec();
+            m.extend_from_slice(&ntlm::AUTHENTICATE.to_le_bytes());
             for i in [3, 4, 0, 1, 2, 5] {
                 m.extend(field(i)); // Lm, Nt, Domain, User, Workstation, EncryptedRandomSessionKey
             }
@@ -819,14 +853,14 @@ pub(crate) mod test_client {
             let version = self.version.min(self.server_version);
             let pub_key_auth = security.seal(&client_binding(version, &self.nonce, &self.public_key));
             self.security = Some(security);
-            TsRequest {
+            Ok(TsRequest {
                 version: self.version,
                 nego_tokens: vec![m],
                 pub_key_auth: Some(pub_key_auth),
                 client_nonce: (self.version >= 5 && self.send_nonce).then(|| self.nonce.to_vec()),
                 ..TsRequest::default()
             }
-            .encode()
+            .encode())
         }
 
         /// Checks the server's answer to the AUTHENTICATE: its errorCode, or that its pubKeyAuth
@@ -848,14 +882,64 @@ pub(crate) mod test_client {
         }
 
         /// A sealed TSCredentials-like blob (never judged by the server).
-        pub(crate) fn credentials(&mut self) -> Vec<u8> {
-            let security = self.security.as_mut().unwrap();
-            TsRequest {
+        #[cfg(test)]
+        pub(crate) fn credentials(&mut self) -> Result<Vec<u8>, String> {
+            let security = self.security.as_mut().ok_or("no session")?;
+            Ok(TsRequest {
                 version: self.version,
                 auth_info: Some(security.seal(b"not really TSCredentials")),
                 ..TsRequest::default()
             }
-            .encode()
+            .encode())
+        }
+    }
+}
+
+/// The tests' view of [`client`]: the same client, panicking on malformed answers.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod test_client {
+    pub(crate) use super::client::{Challenge, Client, CLIENT_FLAGS};
+
+    pub(crate) fn parse_challenge(msg: &[u8]) -> Challenge {
+        super::client::parse_challenge(msg).unwrap()
+    }
+
+    /// [`Client`] with infallible steps.
+    pub(crate) struct TestClient(Client);
+
+    impl std::ops::Deref for TestClient {
+        type Target = Client;
+        fn deref(&self) -> &Client {
+            &self.0
+        }
+    }
+
+    impl std::ops::DerefMut for TestClient {
+        fn deref_mut(&mut self) -> &mut Client {
+            &mut self.0
+        }
+    }
+
+    impl TestClient {
+        pub(crate) fn new(user: &str, domain: &str, password: &str, public_key: Vec<u8>) -> Self {
+            TestClient(Client::new(user, domain, password, public_key))
+        }
+
+        pub(crate) fn negotiate(&mut self) -> Vec<u8> {
+            self.0.negotiate()
+        }
+
+        pub(crate) fn authenticate(&mut self, reply: &[u8]) -> Vec<u8> {
+            self.0.authenticate(reply).unwrap()
+        }
+
+        pub(crate) fn finish(&mut self, reply: &[u8]) -> Result<(), String> {
+            self.0.finish(reply)
+        }
+
+        pub(crate) fn credentials(&mut self) -> Vec<u8> {
+            self.0.credentials().unwrap()
         }
     }
 }

@@ -4,10 +4,10 @@ use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use gateway_sim::{
-    bench::{bench, bench_targets, format_bench, BenchOptions},
+    bench::{bench, format_bench, BenchCredential, BenchMode, BenchOptions},
     directory::{start_directory, Directory, DirectoryOptions},
     driver::{all_passed, format_table, play_with, DirectoryHandle, PlayOptions, SimEnv},
-    scenario::{Behavior, Scenario, TargetSpec},
+    scenario::{Account, Behavior, Scenario, TargetSpec},
     targets::{start_fleet, DirectoryManifest, Fleet, FleetManifest},
 };
 use tracing_subscriber::EnvFilter;
@@ -78,7 +78,8 @@ enum Command {
         #[arg(long)]
         nla_only_plugin: Option<String>,
     },
-    /// Closed-loop load against the plugin with checks of the healthy target(s).
+    /// Closed-loop load against the plugin with checks of the healthy target(s) (`--nla`: of the
+    /// nla_healthy target(s)).
     Bench {
         /// Plugin gRPC endpoint.
         #[arg(long)]
@@ -89,11 +90,22 @@ enum Command {
         /// Seconds per phase.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
-        /// Start the scenario's healthy targets (default: one healthy target).
+        /// Start the scenario's healthy targets (default: one healthy target, or with --nla one
+        /// nla_healthy target knowing the account `bench`). With --fleet-manifest, only read for
+        /// --credential's account.
         #[arg(long)]
         scenario: Option<PathBuf>,
+        /// Check the nla_healthy targets, offering SSL + HYBRID (the plugin runs its NLA stage);
+        /// the baseline adds one TSRequest NEGOTIATE / CHALLENGE exchange.
+        #[arg(long)]
+        nla: bool,
+        /// With --nla: send this account's credential (an [[account]] of --scenario, or `bench`
+        /// with the default target) for full NLA logons; the baseline logs on too. Bench a plugin
+        /// without a directory, so that the target judges the credential.
+        #[arg(long, requires = "nla")]
+        credential: Option<String>,
         /// Use the healthy targets of a running `gateway-sim targets` instead.
-        #[arg(long, conflicts_with = "scenario")]
+        #[arg(long)]
         fleet_manifest: Option<PathBuf>,
         /// Also perform the same handshakes directly, without the plugin, and compare.
         #[arg(long)]
@@ -264,28 +276,45 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             concurrency,
             duration,
             scenario,
+            nla,
+            credential,
             fleet_manifest,
             baseline,
             plugin_pid,
             deadline_ms,
             json,
         } => {
-            let fleet = match (scenario, fleet_manifest) {
-                (_, Some(path)) => Fleet::from_manifest(load_manifest(&path)?),
-                (Some(path), None) => start_fleet(&Scenario::load(&path)?.targets).await?,
-                (None, None) => start_fleet(&[TargetSpec::new("bench-healthy", Behavior::Healthy)]).await?,
-            };
             if !(duration.is_finite() && duration > 0.0) {
                 return Err("--duration must be a positive number of seconds".into());
             }
+            let scenario = match scenario {
+                Some(path) => Some(Scenario::load(&path)?),
+                None => None,
+            };
+            let mode = if nla {
+                let credential = match &credential {
+                    None => None,
+                    Some(name) => Some(bench_credential(scenario.as_ref(), name)?),
+                };
+                BenchMode::Nla { credential }
+            } else {
+                BenchMode::Tls
+            };
+            let fleet = match (&scenario, fleet_manifest) {
+                (_, Some(path)) => Fleet::from_manifest(load_manifest(&path)?),
+                (Some(s), None) => start_fleet(&s.targets).await?,
+                (None, None) if nla => start_fleet(&[default_nla_target()]).await?,
+                (None, None) => start_fleet(&[TargetSpec::new("bench-healthy", Behavior::Healthy)]).await?,
+            };
             let options = BenchOptions {
+                mode: mode.clone(),
                 concurrency,
                 duration: Duration::from_secs_f64(duration),
                 deadline: Duration::from_millis(deadline_ms),
                 baseline,
                 plugin_pid,
             };
-            let report = bench(&plugin, &bench_targets(&fleet), &options).await?;
+            let report = bench(&plugin, &mode.targets(&fleet), &options).await?;
             if json {
                 emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
             } else {
@@ -295,6 +324,44 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The account of `bench --nla` without a scenario.
+const BENCH_ACCOUNT: &str = "bench";
+const BENCH_PASSWORD: &str = "Bench-Pass-1";
+
+/// The `nla_healthy` target `bench --nla` starts without a scenario; it knows [`BENCH_ACCOUNT`].
+fn default_nla_target() -> TargetSpec {
+    let mut target = TargetSpec::new("bench-nla", Behavior::NlaHealthy);
+    target.nla.accounts = vec![Account {
+        name: BENCH_ACCOUNT.to_owned(),
+        password: BENCH_PASSWORD.to_owned(),
+        state: "good".to_owned(),
+        domain: None,
+    }];
+    target
+}
+
+/// The credential `--credential NAME` stands for: the scenario's account, or the default
+/// target's.
+fn bench_credential(scenario: Option<&Scenario>, name: &str) -> Result<BenchCredential, BoxError> {
+    let account = match scenario {
+        Some(s) => s
+            .account(name)
+            .cloned()
+            .ok_or_else(|| format!("--credential {name}: no such [[account]] in the scenario"))?,
+        None => default_nla_target()
+            .nla
+            .accounts
+            .into_iter()
+            .find(|a| a.name == name)
+            .ok_or_else(|| format!("--credential {name}: without --scenario the only account is `{BENCH_ACCOUNT}`"))?,
+    };
+    Ok(BenchCredential {
+        username: account.name,
+        domain: account.domain.unwrap_or_default(),
+        password: account.password,
+    })
 }
 
 /// Writes to stdout; a closed pipe (`| head`) is not an error.

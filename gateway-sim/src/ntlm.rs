@@ -141,7 +141,6 @@ pub(crate) fn hmac_md5(key: &[u8], parts: &[&[u8]]) -> [u8; 16] {
 }
 
 /// RC4K(key, data): a fresh RC4 stream over `data` (MS-NLMP 6, RC4K).
-#[cfg(test)]
 pub(crate) fn rc4k(key: &[u8; 16], data: &[u8]) -> Vec<u8> {
     let mut out = data.to_vec();
     rc4_handle(key).apply_keystream(&mut out);
