@@ -367,7 +367,7 @@ fn check(args: CheckArgs) -> ExitCode {
         Err(e) => return usage(e),
     };
     if args.json {
-        match crate::service::report_json(&report, &cfg) {
+        match crate::service::report_json(&report) {
             Ok(j) => println!("{j}"),
             Err(e) => {
                 eprintln!("rdp-preflight: {e}");

@@ -99,7 +99,7 @@ impl pb::preflight_server::Preflight for PreflightService {
                 "check finished"
             );
         });
-        Ok(Response::new(to_proto(&report, &cfg)))
+        Ok(Response::new(to_proto(&report)))
     }
 
     async fn list_causes(
@@ -368,8 +368,7 @@ fn micros(d: Duration) -> u64 {
 }
 
 /// Converts a report to its protobuf form (also used for `check --json`).
-pub fn to_proto(r: &Report, cfg: &Config) -> pb::CheckReport {
-    let _ = cfg;
+pub fn to_proto(r: &Report) -> pb::CheckReport {
     let t = &r.target;
     let verdict = match r.verdict {
         Verdict::Allow => pb::Verdict::Allow,
@@ -555,8 +554,8 @@ pub async fn set_not_serving(reporter: &tonic_health::server::HealthReporter) {
 }
 
 /// Re-exported so `check --json` can print the proto3 JSON form.
-pub fn report_json(r: &Report, cfg: &Config) -> Result<String, serde_json::Error> {
-    serde_json::to_string_pretty(&to_proto(r, cfg))
+pub fn report_json(r: &Report) -> Result<String, serde_json::Error> {
+    serde_json::to_string_pretty(&to_proto(r))
 }
 
 /// The cause enum value of a catalog cause (for tests comparing with the proto).

@@ -575,3 +575,55 @@ async fn bearer_token_unix_socket_and_mutual_tls() {
         .expect("served over mTLS");
     assert!(!causes.into_inner().causes.is_empty());
 }
+
+/// Graceful shutdown: SIGTERM while a check is in flight lets it finish (its DENY is answered
+/// and in the audit log), then the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_checks_in_flight_and_flushes_the_audit_log() {
+    // A target that answers nothing for a while: the check is in flight when SIGTERM arrives.
+    let slow = hostile(|mut s: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut cfg = base_config();
+    cfg.policy.allow_loopback = true;
+    cfg.probe.x224_timeout_ms = 1000;
+    cfg.audit.dir = Some(dir.path().join("audit"));
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, toml::to_string(&cfg).expect("toml")).expect("write");
+    let mut served = serve_binary(&path, &[]);
+    let mut client = integration_tests::plugin::client(&served.endpoint()).await;
+    let in_flight = tokio::spawn(async move { client.check(req("127.0.0.1", slow.port())).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = served.child.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let report = in_flight
+        .await
+        .expect("task")
+        .expect("the check in flight is answered")
+        .into_inner();
+    assert_eq!(report.primary_cause(), Cause::X224Timeout);
+    let status = tokio::task::block_in_place(|| {
+        for _ in 0..100 {
+            if let Ok(Some(s)) = served.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    });
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "exits 0 after draining");
+    let audit: String = std::fs::read_dir(dir.path().join("audit"))
+        .expect("audit dir")
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(audit.contains(&report.check_id), "the drained DENY is in the audit log");
+}
