@@ -62,6 +62,9 @@ pub enum Behavior {
     TlsDisconnectRequest,
     /// Confirm SSL, answer a TLS 1.0 ServerHello (TLS_RSA_WITH_AES_128_CBC_SHA), close.
     Tls10Only,
+    /// Confirm SSL; a ClientHello offering TLS 1.2 or later gets a fatal protocol_version alert,
+    /// a legacy one (client_version TLS 1.1 or lower) a TLS 1.0 ServerHello.
+    Tls10Alert,
     /// Confirm SSL, answer a fatal handshake_failure alert.
     TlsNoSharedCipher,
     /// Confirm SSL, answer a fatal internal_error alert.
@@ -93,7 +96,7 @@ pub enum Behavior {
 
 impl Behavior {
     /// Every behaviour, in documentation order.
-    pub const ALL: [Behavior; 25] = [
+    pub const ALL: [Behavior; 26] = [
         Behavior::Healthy,
         Behavior::HealthyNla,
         Behavior::NegFailure,
@@ -106,6 +109,7 @@ impl Behavior {
         Behavior::TlsCloseAfterHello,
         Behavior::TlsDisconnectRequest,
         Behavior::Tls10Only,
+        Behavior::Tls10Alert,
         Behavior::TlsNoSharedCipher,
         Behavior::TlsAlert,
         Behavior::TlsNotTls,
@@ -136,6 +140,7 @@ impl Behavior {
             Behavior::TlsCloseAfterHello => "tls_close_after_hello",
             Behavior::TlsDisconnectRequest => "tls_disconnect_request",
             Behavior::Tls10Only => "tls10_only",
+            Behavior::Tls10Alert => "tls10_alert",
             Behavior::TlsNoSharedCipher => "tls_no_shared_cipher",
             Behavior::TlsAlert => "tls_alert",
             Behavior::TlsNotTls => "tls_not_tls",
@@ -192,6 +197,7 @@ impl Behavior {
                 | Behavior::TlsCloseAfterHello
                 | Behavior::TlsDisconnectRequest
                 | Behavior::Tls10Only
+                | Behavior::Tls10Alert
                 | Behavior::TlsNoSharedCipher
                 | Behavior::TlsAlert
                 | Behavior::TlsNotTls

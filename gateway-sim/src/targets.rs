@@ -413,6 +413,21 @@ async fn serve(mut stream: TcpStream, target: &Target, n: u64) -> Result<(), Con
             write(&mut stream, &wire::tls10_server_hello(&random)).await?;
             finish(stream).await
         }
+        Behavior::Tls10Alert => {
+            // A TLS 1.0-only Schannel: refuses a modern hello, answers a legacy one.
+            let version = read_client_hello(&mut stream).await?;
+            if version.is_some_and(|v| v >= 0x0303) {
+                write(&mut stream, &wire::ALERT_PROTOCOL_VERSION).await?;
+            } else {
+                let mut random = [0u8; 32];
+                rustls::crypto::ring::default_provider()
+                    .secure_random
+                    .fill(&mut random)
+                    .map_err(|_| rustls::Error::FailedToGetRandomBytes)?;
+                write(&mut stream, &wire::tls10_server_hello(&random)).await?;
+            }
+            finish(stream).await
+        }
         Behavior::TlsNoSharedCipher => {
             read_client_hello(&mut stream).await?;
             write(&mut stream, &wire::ALERT_HANDSHAKE_FAILURE).await?;
@@ -476,17 +491,24 @@ async fn read_request(stream: &mut TcpStream) -> Result<wire::ConnectionRequest,
 
 /// Reads the client's first TLS record (the ClientHello) and discards it. Bytes that are not a
 /// handshake record are discarded as they come.
-async fn read_client_hello(stream: &mut TcpStream) -> Result<(), ConnError> {
+/// Reads the client's first TLS record; returns the ClientHello's client_version when the record
+/// holds one.
+async fn read_client_hello(stream: &mut TcpStream) -> Result<Option<u16>, ConnError> {
     let deadline = Instant::now() + READ_TIMEOUT;
     let mut header = [0u8; 5];
     read_exact_by(stream, &mut header, deadline).await?;
     // ContentType handshake (22), version, length u16 BE (at most 2^14 + 2048)
-    if header[0] == 0x16 {
-        let len = usize::from(u16::from_be_bytes([header[3], header[4]])).min(18_432);
-        let mut body = vec![0u8; len];
-        read_exact_by(stream, &mut body, deadline).await?;
+    if header[0] != 0x16 {
+        return Ok(None);
     }
-    Ok(())
+    let len = usize::from(u16::from_be_bytes([header[3], header[4]])).min(18_432);
+    let mut body = vec![0u8; len];
+    read_exact_by(stream, &mut body, deadline).await?;
+    // msg_type ClientHello (1) | length u24 | client_version u16
+    Ok(match body.as_slice() {
+        [1, _, _, _, hi, lo, ..] => Some(u16::from_be_bytes([*hi, *lo])),
+        _ => None,
+    })
 }
 
 async fn read_exact_by<S: AsyncRead + Unpin>(

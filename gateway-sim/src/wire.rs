@@ -104,6 +104,16 @@ pub(crate) const ALERT_HANDSHAKE_FAILURE: [u8; 7] = [
     0x28, // AlertDescription handshake_failure (40)
 ];
 
+/// TLS fatal alert protocol_version (70), TLS 1.0 record version (as a TLS 1.0-only server
+/// sends it).
+pub(crate) const ALERT_PROTOCOL_VERSION: [u8; 7] = [
+    0x15, // ContentType alert (21)
+    0x03, 0x01, // record version TLS 1.0
+    0x00, 0x02, // record length = 2
+    0x02, // level fatal
+    0x46, // description protocol_version (70)
+];
+
 /// TLS fatal alert internal_error (80), TLS 1.2 record version.
 pub(crate) const ALERT_INTERNAL_ERROR: [u8; 7] = [
     0x15, // ContentType alert (21)

@@ -309,3 +309,31 @@ async fn cli_check_reports_and_exit_codes() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("quic"));
 }
+
+/// A TLS 1.0-only server that answers a modern hello with a protocol_version alert is named by
+/// the legacy hello on a second connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_version_is_named_even_after_an_alert() {
+    let scenario = default_scenario();
+    let harness = Harness::start(&scenario).await.expect("fleet");
+    let plugin = InProcess::start(&trusting_config(&harness)).await;
+    let addr = harness.env.fleet.addr("tls10-alert").expect("target");
+    let r = plugin
+        .client()
+        .await
+        .check(request("tls10-alert", addr, "tls10-alert"))
+        .await
+        .expect("ok")
+        .into_inner();
+    assert_eq!(r.primary_cause(), Cause::TlsVersionMismatch);
+    let ev = |k: &str| {
+        r.findings[0]
+            .evidence
+            .iter()
+            .find(|e| e.key == k)
+            .map(|e| e.value.clone())
+    };
+    assert_eq!(ev("alert_name").as_deref(), Some("ProtocolVersion"));
+    assert_eq!(ev("server_version").as_deref(), Some("TLSv1.0"));
+    assert_eq!(r.target.as_ref().map(|t| t.tls_version.as_str()), Some("TLSv1.0"));
+}

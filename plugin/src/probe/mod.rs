@@ -581,7 +581,22 @@ impl Prober {
                 a.tls = Some(tls_stream);
             }
             Ok(Err(e)) => {
-                let f = tls::classify_failure(&e, &seen.first(), seen.total());
+                let mut f = tls::classify_failure(&e, &seen.first(), seen.total());
+                // A protocol_version alert does not say which version the server speaks: ask it
+                // with a legacy hello on a second connection.
+                if f.cause == Cause::TlsVersionMismatch && !f.evidence.iter().any(|(k, _)| k == "server_version") {
+                    if let Some(addr) = a.connected {
+                        let probe = legacy_version(addr, req, self.cfg.cookie.as_deref());
+                        if let Ok(Some(v)) = budget.run(self.cfg.tls_timeout, probe).await {
+                            f.message = format!(
+                                "the server only speaks {} (it refused TLS 1.2 and 1.3)",
+                                tls::version_name(v)
+                            );
+                            f.evidence.push(("server_version".into(), tls::version_name(v)));
+                            f.evidence.push(("found_by".into(), "legacy ClientHello".into()));
+                        }
+                    }
+                }
                 a.chain = verifier.chain();
                 if let Some(v) = f.evidence.iter().find(|(k, _)| k == "server_version") {
                     a.tls_version = v.1.clone();
@@ -821,6 +836,34 @@ impl X224Error {
                 String::from_utf8_lossy(&got[..got.len().min(32)]).escape_debug(),
             ),
         }
+    }
+}
+
+/// On a new connection: the X.224 exchange, then a legacy ClientHello; the ServerHello's
+/// version, if the server answers one below TLS 1.2.
+async fn legacy_version(addr: SocketAddr, req: &ProbeRequest, cookie: Option<&str>) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    stream.set_nodelay(true).ok()?;
+    let cr = x224::encode_connection_request(cookie, req.requested).ok()?;
+    match exchange_x224(&mut stream, &cr).await.ok()? {
+        (x224::ServerPdu::Confirm(x224::Confirm::Negotiated { selected, .. }), _)
+            if x224::protocol::uses_tls(selected) => {}
+        _ => return None,
+    }
+    let mut random = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random).ok()?;
+    stream.write_all(&tls::legacy_client_hello(&random)).await.ok()?;
+    let mut buf = [0u8; 16];
+    let mut got = 0;
+    while got < 11 {
+        match stream.read(&mut buf[got..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    match tls::first_record(&buf[..got]) {
+        tls::FirstRecord::ServerHello(v) if v < 0x0303 => Some(v),
+        _ => None,
     }
 }
 

@@ -195,6 +195,42 @@ pub fn version_name(v: u16) -> String {
     }
 }
 
+/// A minimal legacy ClientHello (TLS 1.0 record, client_version TLS 1.1, RSA and ECDHE-RSA CBC
+/// suites, no extensions), sent only to learn which legacy version a server that refused
+/// TLS 1.2/1.3 with a protocol_version alert speaks. Nothing is negotiated with it.
+///
+/// ```text
+/// record:    16 | 03 01 | len u16
+/// handshake: 01 | len u24 | client_version 03 02 | random[32] | session_id len 00
+///            | cipher_suites len u16 | suites… | compression len 01 | null 00
+/// ```
+pub fn legacy_client_hello(random: &[u8; 32]) -> Vec<u8> {
+    const SUITES: [u16; 6] = [
+        0xc013, // TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA
+        0xc014, // TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA
+        0x002f, // TLS_RSA_WITH_AES_128_CBC_SHA
+        0x0035, // TLS_RSA_WITH_AES_256_CBC_SHA
+        0x000a, // TLS_RSA_WITH_3DES_EDE_CBC_SHA
+        0x00ff, // TLS_EMPTY_RENEGOTIATION_INFO_SCSV
+    ];
+    let mut body = Vec::with_capacity(64);
+    body.extend_from_slice(&[0x03, 0x02]); // client_version TLS 1.1
+    body.extend_from_slice(random);
+    body.push(0); // session_id: empty
+    body.extend_from_slice(&((SUITES.len() * 2) as u16).to_be_bytes());
+    for suite in SUITES {
+        body.extend_from_slice(&suite.to_be_bytes());
+    }
+    body.extend_from_slice(&[0x01, 0x00]); // compression_methods: null only
+    let mut hs = vec![0x01]; // ClientHello
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![0x16, 0x03, 0x01];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
+}
+
 /// What the server's first bytes were, as far as classification cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FirstRecord {
@@ -416,6 +452,29 @@ mod tests {
         assert!(f.evidence.contains(&("alert_name".into(), "InternalError".into())));
         let f = classify_failure(&io::Error::new(io::ErrorKind::InvalidData, "x"), b"HTTP/1.1 400", 12);
         assert_eq!(f.cause, Cause::TlsProtocolError);
+    }
+
+    #[test]
+    fn legacy_hello_layout() {
+        let h = legacy_client_hello(&[0xaa; 32]);
+        assert_eq!(&h[..3], &[0x16, 0x03, 0x01], "handshake record, TLS 1.0");
+        assert_eq!(
+            usize::from(u16::from_be_bytes([h[3], h[4]])),
+            h.len() - 5,
+            "record length"
+        );
+        assert_eq!(h[5], 0x01, "ClientHello");
+        assert_eq!(
+            u32::from_be_bytes([0, h[6], h[7], h[8]]) as usize,
+            h.len() - 9,
+            "handshake length"
+        );
+        assert_eq!(&h[9..11], &[0x03, 0x02], "client_version TLS 1.1");
+        assert_eq!(&h[11..43], &[0xaa; 32]);
+        assert_eq!(h[43], 0, "no session id");
+        assert_eq!(&h[44..46], &[0x00, 0x0c], "six suites");
+        assert_eq!(&h[46..48], &[0xc0, 0x13]);
+        assert_eq!(&h[h.len() - 2..], &[0x01, 0x00], "null compression, no extensions");
     }
 
     #[test]
