@@ -246,14 +246,29 @@ impl Checker {
                 (rec, c.facts)
             }
             None => {
-                let why = if input.credential.is_none() {
-                    "no credential in the request"
-                } else {
-                    "no directory configured"
+                // Without a directory an empty password is still a credential that cannot work.
+                let missing = input.credential.as_ref().filter(|c| c.password.is_empty());
+                if let Some(c) = missing {
+                    all.push(
+                        Finding::new(
+                            Cause::CredMissing,
+                            "the request carries no password for the target account",
+                        )
+                        .with("account", &c.username),
+                    );
+                }
+                let why = match (&input.credential, missing) {
+                    (None, _) => "no credential in the request",
+                    (Some(_), Some(_)) => "empty password: nothing to check",
+                    (Some(_), None) => "no directory configured",
                 };
                 let rec = StageRecord {
                     stage: Stage::Credential,
-                    status: StageStatus::Skipped,
+                    status: if missing.is_some() {
+                        StageStatus::Failed
+                    } else {
+                        StageStatus::Skipped
+                    },
                     start: Duration::ZERO,
                     duration: Duration::ZERO,
                     detail: why.into(),

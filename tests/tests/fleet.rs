@@ -337,3 +337,21 @@ async fn legacy_version_is_named_even_after_an_alert() {
     assert_eq!(ev("server_version").as_deref(), Some("TLSv1.0"));
     assert_eq!(r.target.as_ref().map(|t| t.tls_version.as_str()), Some("TLSv1.0"));
 }
+
+/// Without a directory an empty password is still CRED_MISSING, never an allow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_password_without_a_directory_is_cred_missing() {
+    let scenario = default_scenario();
+    let harness = Harness::start(&scenario).await.expect("fleet");
+    let plugin = InProcess::start(&harness.nla_only_config()).await;
+    let addr = harness.env.fleet.addr("healthy-tls").expect("target");
+    let mut req = request("empty-password", addr, "healthy-tls");
+    req.credential = Some(pb::Credential {
+        username: "alice".into(),
+        domain: String::new(),
+        password: String::new(),
+    });
+    let r = plugin.client().await.check(req).await.expect("ok").into_inner();
+    assert_eq!(r.primary_cause(), Cause::CredMissing);
+    assert_eq!(r.verdict(), Verdict::Deny);
+}
