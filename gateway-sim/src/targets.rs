@@ -405,12 +405,7 @@ async fn serve(mut stream: TcpStream, target: &Target, n: u64) -> Result<(), Con
         }
         Behavior::Tls10Only => {
             read_client_hello(&mut stream).await?;
-            let mut random = [0u8; 32];
-            rustls::crypto::ring::default_provider()
-                .secure_random
-                .fill(&mut random)
-                .map_err(|_| rustls::Error::FailedToGetRandomBytes)?;
-            write(&mut stream, &wire::tls10_server_hello(&random)).await?;
+            write_tls10_server_hello(&mut stream).await?;
             finish(stream).await
         }
         Behavior::Tls10Alert => {
@@ -419,12 +414,7 @@ async fn serve(mut stream: TcpStream, target: &Target, n: u64) -> Result<(), Con
             if version.is_some_and(|v| v >= 0x0303) {
                 write(&mut stream, &wire::ALERT_PROTOCOL_VERSION).await?;
             } else {
-                let mut random = [0u8; 32];
-                rustls::crypto::ring::default_provider()
-                    .secure_random
-                    .fill(&mut random)
-                    .map_err(|_| rustls::Error::FailedToGetRandomBytes)?;
-                write(&mut stream, &wire::tls10_server_hello(&random)).await?;
+                write_tls10_server_hello(&mut stream).await?;
             }
             finish(stream).await
         }
@@ -491,6 +481,16 @@ async fn read_request(stream: &mut TcpStream) -> Result<wire::ConnectionRequest,
 
 /// Reads the client's first TLS record (the ClientHello) and discards it. Bytes that are not a
 /// handshake record are discarded as they come.
+/// Writes a TLS 1.0 ServerHello with a fresh random.
+async fn write_tls10_server_hello(stream: &mut TcpStream) -> Result<(), ConnError> {
+    let mut random = [0u8; 32];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut random)
+        .map_err(|_| rustls::Error::FailedToGetRandomBytes)?;
+    write(stream, &wire::tls10_server_hello(&random)).await
+}
+
 /// Reads the client's first TLS record; returns the ClientHello's client_version when the record
 /// holds one.
 async fn read_client_hello(stream: &mut TcpStream) -> Result<Option<u16>, ConnError> {
