@@ -527,7 +527,9 @@ async fn connect_tls(connector: &TlsConnector, target: &BenchTarget) -> Result<(
     Ok((tls, selected))
 }
 
-fn permissive_client_config() -> Result<Arc<ClientConfig>, rustls::Error> {
+/// A client config that accepts any certificate (still verifying the handshake signature) and
+/// never resumes: every handshake a full one.
+pub(crate) fn permissive_client_config() -> Result<Arc<ClientConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?

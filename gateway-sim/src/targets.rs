@@ -684,11 +684,7 @@ async fn stall(mut stream: TcpStream, config: Arc<ServerConfig>) -> Result<(), C
 mod tests {
     use std::net::IpAddr;
 
-    use rustls::{
-        client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-        pki_types::{ServerName, UnixTime},
-        ClientConfig, DigitallySignedStruct, SignatureScheme,
-    };
+    use rustls::pki_types::ServerName;
     use rustls_pki_types::pem::PemObject;
     use tokio_rustls::TlsConnector;
     use x509_parser::prelude::*;
@@ -759,51 +755,8 @@ mod tests {
         ]
     }
 
-    #[derive(Debug)]
-    struct AcceptAnything(Arc<rustls::crypto::CryptoProvider>);
-
-    impl ServerCertVerifier for AcceptAnything {
-        fn verify_server_cert(
-            &self,
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &[rustls::pki_types::CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &rustls::pki_types::CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-        }
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &rustls::pki_types::CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-        }
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
-
     fn permissive_client() -> TlsConnector {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnything(provider)))
-            .with_no_client_auth();
-        config.resumption = rustls::client::Resumption::disabled();
-        TlsConnector::from(Arc::new(config))
+        TlsConnector::from(crate::bench::permissive_client_config().unwrap())
     }
 
     /// X.224 exchange + TLS handshake; returns the end-entity certificate (DER).
@@ -1010,15 +963,8 @@ mod tests {
         rd.read_exact(&mut confirm).await.unwrap();
         assert_eq!(confirm.to_vec(), confirm_ssl());
         // Drive a real ClientHello through a rustls client connection by hand.
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnything(provider)))
-            .with_no_client_auth();
-        let mut client =
-            rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("stall").unwrap()).unwrap();
+        let config = crate::bench::permissive_client_config().unwrap();
+        let mut client = rustls::ClientConnection::new(config, ServerName::try_from("stall").unwrap()).unwrap();
         let mut hello = Vec::new();
         client.write_tls(&mut hello).unwrap();
         let mut wr = wr;

@@ -174,14 +174,7 @@ impl Ctx {
 
     fn failed(self, f: Finding) -> CredentialOutcome {
         let f = self.evidence(f);
-        let detail = format!("{}: {}", f.cause.name(), f.message);
-        CredentialOutcome {
-            status: StageStatus::Failed,
-            findings: vec![f],
-            facts: self.facts,
-            bind_succeeded: false,
-            detail,
-        }
+        self.failed_raw(f)
     }
 
     fn failed_raw(self, f: Finding) -> CredentialOutcome {
