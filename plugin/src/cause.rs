@@ -359,6 +359,10 @@ catalog! {
         client "none" freerdp "none"
         detect "any other resultCode (keep it and the diagnostic message)"
         fix "The directory answered an unexpected error (see result code and message): check the directory server.";
+    656 DirectoryClockSkew "DIRECTORY_CLOCK_SKEW" Credential Warn Gw
+        client "none" freerdp "none"
+        detect "the KDC answers KRB_AP_ERR_SKEW (37): this host's clock and the domain's differ by more than the Kerberos tolerance (5 min); Kerberos logons from here fail and fall back to NTLM (a 37 to a pre-authenticated request means the password itself was right)"
+        fix "This host's clock and the domain's differ by more than 5 minutes: fix the plugin host's time source (NTP) or the domain controllers' (w32time).";
     701 NlaCredsspOutdated "NLA_CREDSSP_OUTDATED" Nla Warn Server
         client "oracle dialog" freerdp "AUTHENTICATION_FAILED"
         detect "server TSRequest version < 5 (unpatched for CVE-2018-0886: \"CredSSP encryption oracle remediation\")"
@@ -379,6 +383,14 @@ catalog! {
         client "0x1D07" freerdp "none"
         detect "the target's NTLM timestamp differs from ours by more than the Kerberos tolerance (5 min)"
         fix "Fix the target's (or the gateway's) clock: check its time source (w32time, NTP).";
+    706 TargetSpnMissing "TARGET_SPN_MISSING" Nla Warn Dir
+        client "~0x904/0x7 where NTLM is restricted" freerdp "AUTHENTICATION_FAILED"
+        detect "the KDC has no TERMSRV/ principal for the name the gateway dials (TGS answer KDC_ERR_S_PRINCIPAL_UNKNOWN, 7): Kerberos to this target is impossible and clients fall back to NTLM; dialling an IP address or an alias always ends here"
+        fix "Kerberos to this target is impossible under the name the gateway dials: have the gateway dial the DNS name registered in AD, or register TERMSRV/<name> on the computer account (setspn -S).";
+    707 NlaNtlmRefused "NLA_NTLM_REFUSED" Nla Warn Server
+        client "~0x207" freerdp "AUTHENTICATION_FAILED"
+        detect "the target refuses NTLM itself (TSRequest errorCode STATUS_NTLM_BLOCKED 0xC0000418, SEC_E_UNSUPPORTED_FUNCTION 0x80090302, or STATUS_ACCOUNT_RESTRICTION 0xC000006E for a Protected Users account): it says nothing about the password; only Kerberos logons work there"
+        fix "The target (or the account, e.g. Protected Users) refuses NTLM: only Kerberos logons work there; make sure the gateway dials the target's registered DNS name so Kerberos can be used.";
     801 NetHighLatency "NET_HIGH_LATENCY" Network Warn Net
         client "0x108 when extreme" freerdp "none"
         detect "handshake round trips above the configured threshold"
@@ -573,7 +585,7 @@ mod tests {
             assert_eq!(Cause::from_name(c.name), Some(c.cause));
             assert_eq!(Cause::from_name(&format!("CAUSE_{}", c.name)), Some(c.cause));
         }
-        assert_eq!(CATALOG.len(), 56);
+        assert_eq!(CATALOG.len(), 59);
     }
 
     #[test]
