@@ -432,6 +432,11 @@ impl<'a> CredSspServer<'a> {
         matches!(self.state, State::Credentials(_))
     }
 
+    /// True when the next TSRequest is the client's AUTHENTICATE.
+    pub(crate) fn awaiting_authenticate(&self) -> bool {
+        matches!(self.state, State::Authenticate { .. })
+    }
+
     fn version(&self) -> u32 {
         self.spec.nla.credssp_version
     }

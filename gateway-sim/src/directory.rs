@@ -97,6 +97,9 @@ pub struct DirectoryOptions {
     pub netbios_domain: String,
     /// DNS domain (UPN suffix). Default `example.test`.
     pub dns_domain: String,
+    /// Answer every bind only after this long (the bind is judged and counted at once, as a
+    /// slow domain controller does). Default: zero.
+    pub bind_delay: std::time::Duration,
 }
 
 impl Default for DirectoryOptions {
@@ -108,6 +111,7 @@ impl Default for DirectoryOptions {
             lockout_threshold: 5,
             netbios_domain: "EXAMPLE".into(),
             dns_domain: "example.test".into(),
+            bind_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -410,6 +414,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     ),
                 };
                 bound = who;
+                if !shared.opts.bind_delay.is_zero() {
+                    tokio::time::sleep(shared.opts.bind_delay).await;
+                }
                 vec![LdapOp::BindResponse(ldap3_proto::proto::LdapBindResponse {
                     res,
                     saslcreds: None,

@@ -126,6 +126,8 @@ pub struct Fleet {
     targets: Vec<FleetTarget>,
     ca_pem: String,
     tasks: JoinSet<()>,
+    /// Per target: AUTHENTICATE messages received (CredSSP targets).
+    authenticates: std::collections::HashMap<String, Arc<AtomicU64>>,
 }
 
 impl Fleet {
@@ -137,6 +139,12 @@ impl Fleet {
     /// The target called `name`.
     pub fn target(&self, name: &str) -> Option<&FleetTarget> {
         self.targets.iter().find(|t| t.name == name)
+    }
+
+    /// NTLM AUTHENTICATE messages the target called `name` has received (an attempt against
+    /// the account's lockout budget on a real server); `None` for a target not run here.
+    pub fn authenticates(&self, name: &str) -> Option<u64> {
+        self.authenticates.get(name).map(|c| c.load(Ordering::Relaxed))
     }
 
     /// Every target, in scenario order.
@@ -165,6 +173,7 @@ impl Fleet {
             targets: manifest.targets,
             ca_pem: manifest.ca_pem,
             tasks: JoinSet::new(),
+            authenticates: std::collections::HashMap::new(),
         }
     }
 
@@ -188,6 +197,7 @@ struct Target {
     spec: TargetSpec,
     tls: TlsSource,
     connections: AtomicU64,
+    authenticates: Arc<AtomicU64>,
 }
 
 impl Target {
@@ -222,6 +232,7 @@ pub async fn start_fleet(targets: &[TargetSpec]) -> Result<Fleet, Error> {
         targets: Vec::new(),
         ca_pem: ca.trust_pem(),
         tasks: JoinSet::new(),
+        authenticates: std::collections::HashMap::new(),
     };
     for spec in targets {
         if fleet.target(&spec.name).is_some() {
@@ -261,10 +272,13 @@ pub async fn start_fleet(targets: &[TargetSpec]) -> Result<Fleet, Error> {
             let leaf = leaf_of(&cert.chain);
             TlsSource::Fixed(cert.server_config().map_err(cert_error)?, leaf)
         };
+        let authenticates = Arc::new(AtomicU64::new(0));
+        fleet.authenticates.insert(spec.name.clone(), authenticates.clone());
         let target = Arc::new(Target {
             spec: spec.clone(),
             tls,
             connections: AtomicU64::new(0),
+            authenticates,
         });
         info!(target = %spec.name, behavior = %spec.behavior, %addr, "listening");
         fleet.tasks.spawn(accept_loop(listener, target));
@@ -442,7 +456,7 @@ async fn serve(mut stream: TcpStream, target: &Target, n: u64) -> Result<(), Con
                 .map_err(|_| ConnError::Timeout)??;
             debug!(target = %spec.name, version = ?tls.get_ref().1.protocol_version(), "TLS handshake done");
             if spec.behavior.is_nla() {
-                return nla(tls, spec, &leaf).await;
+                return nla(tls, spec, &leaf, &target.authenticates).await;
             }
             hold(tls, HOLD_AFTER_TLS).await
         }
@@ -559,6 +573,7 @@ async fn nla<S: AsyncRead + AsyncWrite + Unpin>(
     mut tls: S,
     spec: &TargetSpec,
     certificate: &[u8],
+    authenticates: &AtomicU64,
 ) -> Result<(), ConnError> {
     let public_key = credssp::subject_public_key(certificate)?;
     let mut challenge = [0u8; 8];
@@ -586,6 +601,9 @@ async fn nla<S: AsyncRead + AsyncWrite + Unpin>(
                 return Err(e);
             }
         };
+        if server.awaiting_authenticate() {
+            authenticates.fetch_add(1, Ordering::Relaxed);
+        }
         match server.handle(&message) {
             Reply::Continue(answer) | Reply::Authenticated(answer) => write_flush(&mut tls, &answer).await?,
             Reply::Refuse(answer) => {

@@ -5,13 +5,18 @@ use std::{sync::Arc, time::Duration};
 
 use crate::{
     cause::{Cause, Severity, Stage},
-    config::Config,
-    credential::{Admission, CredentialChecker, CredentialOutcome, LockoutGuard},
+    config::{Config, NlaLogon},
+    credential::{CredentialChecker, CredentialOutcome},
     deadline::Budget,
-    probe::{self, ProbeOutcome, ProbeRequest, Prober},
+    guard::{Admission, Guard, Limits, Outcome},
+    nla::{NlaOutcome, Session},
+    probe::{self, pins::PinStatus, ProbeOutcome, ProbeRequest, Prober},
     report::{self, CredentialFacts, Finding, NlaFacts, Report, StageRecord, StageStatus},
     secret::Credential,
 };
+
+/// Accounts the in-process lockout guard holds at most.
+pub const GUARD_CAPACITY: usize = 100_000;
 
 /// A validated check request (the service and the CLI build it).
 #[derive(Clone, Debug)]
@@ -45,9 +50,8 @@ pub struct Checker {
     cfg: Arc<Config>,
     prober: Prober,
     credential: Option<CredentialChecker>,
-    /// Lockout guard for NLA logons when no directory is configured (with one, the directory
-    /// client's guard covers both).
-    nla_guard: LockoutGuard,
+    /// The one lockout guard: LDAP binds and NLA logons spend one budget per account.
+    guard: Arc<Guard>,
 }
 
 /// What the NLA stage produced.
@@ -61,14 +65,31 @@ impl Checker {
     /// Builds the prober (pin store) and the directory client from the config.
     pub fn new(cfg: Arc<Config>) -> Result<Checker, String> {
         let prober = Prober::new(cfg.clone())?;
-        let credential = cfg.directory.clone().map(CredentialChecker::new);
-        let nla_guard = LockoutGuard::new(cfg.nla_guard_window, cfg.nla_guard_max_distinct_failures);
+        // With a directory, its guard settings; without one, the NLA stage's.
+        let limits = match &cfg.directory {
+            Some(d) => Limits::new(d.guard_window, d.guard_max_distinct_failures, d.success_cache_ttl),
+            None => Limits::new(
+                cfg.nla_guard_window,
+                cfg.nla_guard_max_distinct_failures,
+                Duration::ZERO,
+            ),
+        };
+        let guard = Arc::new(Guard::memory(limits, GUARD_CAPACITY));
+        let credential = cfg
+            .directory
+            .clone()
+            .map(|d| CredentialChecker::new(d, guard.clone(), cfg.domains.clone()));
         Ok(Checker {
             cfg,
             prober,
             credential,
-            nla_guard,
+            guard,
         })
+    }
+
+    /// The lockout guard.
+    pub fn guard(&self) -> &Guard {
+        &self.guard
     }
 
     /// The configuration in force.
@@ -133,60 +154,28 @@ impl Checker {
             Ok((_, c)) => c.public_key().subject_public_key.data.to_vec(),
             Err(_) => return skipped(StageStatus::NotRun, "server certificate unparsable".into()),
         };
-        // Which credential, if any, the target may judge: never a second bad attempt in one
-        // check, never past the lockout guard.
-        let mut note = None;
-        let logon = match (&input.credential, bind) {
-            _ if !self.cfg.nla_logon => None,
-            (None, _) => None,
-            (Some(c), None) if c.password.is_empty() => {
-                note = Some("no password: logon not attempted");
-                None
-            }
-            (Some(c), None) => match self.nla_guard.admit(&c.username, &c.domain, &c.password) {
-                Admission::Proceed => Some(c),
-                _ => {
-                    note = Some("lockout guard: logon not attempted");
-                    None
-                }
-            },
-            (Some(c), Some(b)) if b.bind_succeeded => Some(c),
-            (Some(_), Some(_)) => {
-                note = Some("directory bind did not succeed: logon not attempted");
-                None
-            }
-        };
+        let wanted = input
+            .credential
+            .as_ref()
+            .filter(|_| self.cfg.nla_logon != NlaLogon::Off);
         let now_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let nla_input = crate::nla::NlaInput {
             server_public_key: &public_key,
-            credential: logon,
+            credential: wanted,
             expected_computer: &input.expected_computer,
             clock_tolerance: self.cfg.nla_clock_tolerance,
             now_unix_ms,
         };
         let start = budget.elapsed();
-        let out = crate::nla::run(&mut stream, &nla_input, budget, self.cfg.nla_timeout).await;
-        if let (Some(c), true) = (logon, out.logon_attempted) {
-            let guard = self
-                .credential
-                .as_ref()
-                .map_or(&self.nla_guard, CredentialChecker::guard);
-            match out
-                .findings
-                .iter()
-                .find(|f| self.cfg.severity(f.cause) == Severity::Deny)
-            {
-                Some(f) if out.logon_failed => guard.record_failure(&c.username, &c.domain, &c.password, f),
-                _ if !out.logon_failed => guard.record_success(&c.username, &c.domain),
-                _ => {}
+        let out = match crate::nla::hello(&mut stream, &nla_input, budget, self.cfg.nla_timeout).await {
+            Ok(session) => {
+                self.logon(session, &mut stream, &nla_input, input, probe, bind, budget)
+                    .await
             }
-        }
-        let mut detail = out.detail;
-        if let Some(n) = note {
-            detail = format!("{detail}; {n}");
-        }
+            Err(out) => out,
+        };
         let mut facts = out.facts;
         if facts.logon.is_empty() {
             facts.logon = "not_attempted".into();
@@ -197,10 +186,132 @@ impl Checker {
                 status: out.status,
                 start,
                 duration: budget.elapsed().saturating_sub(start),
-                detail,
+                detail: out.detail,
             },
             findings: out.findings,
             facts,
+        }
+    }
+
+    /// After the CHALLENGE: whether the target may judge the credential, under the lockout
+    /// guard's reservation. Never a logon towards a target that has not proven who it is
+    /// (`nla.logon = "auto"`), never past the guard, never after a failed directory bind.
+    #[allow(clippy::too_many_arguments)]
+    async fn logon(
+        &self,
+        mut session: Session,
+        stream: &mut crate::probe::TlsStream,
+        nla_input: &crate::nla::NlaInput<'_>,
+        input: &CheckInput,
+        probe: &ProbeOutcome,
+        bind: Option<&CredentialOutcome>,
+        budget: &Budget,
+    ) -> NlaOutcome {
+        let Some(c) = nla_input.credential else {
+            let why = match (&input.credential, self.cfg.nla_logon) {
+                (Some(_), NlaLogon::Off) => "nla.logon = off: logon not attempted",
+                _ => "no credential: logon not attempted",
+            };
+            return session.without_logon(stream, budget, why).await;
+        };
+        if c.password.is_empty() {
+            return session
+                .without_logon(stream, budget, "no password: logon not attempted")
+                .await;
+        }
+        if session
+            .so_far()
+            .findings
+            .iter()
+            .any(|f| f.cause == Cause::TargetIdentityMismatch)
+        {
+            return session
+                .without_logon(
+                    stream,
+                    budget,
+                    "logon not attempted: the target is not the expected computer",
+                )
+                .await;
+        }
+        if bind.is_some_and(|b| !b.bind_succeeded) {
+            return session
+                .without_logon(stream, budget, "directory bind did not succeed: logon not attempted")
+                .await;
+        }
+        let proven_by = match self.cfg.nla_logon {
+            NlaLogon::Always => "nla.logon = always",
+            _ => match target_authenticated(probe, input, session.so_far()) {
+                Ok(how) => how,
+                Err(why) => {
+                    return session
+                        .without_logon(stream, budget, &format!("logon not attempted: {why}"))
+                        .await
+                }
+            },
+        };
+        // The account: the directory's key when it checked the credential, else the (user,
+        // domain) pair with the target's own domain for `.` and an empty one.
+        let account = match bind.and_then(|b| b.account) {
+            Some(a) => a,
+            None => {
+                let f = &session.so_far().facts;
+                let own = if f.dns_domain.is_empty() {
+                    &f.netbios_domain
+                } else {
+                    &f.dns_domain
+                };
+                let canonical = self
+                    .cfg
+                    .domains
+                    .account(&c.username, &c.domain, own)
+                    .unwrap_or_else(|_| format!("{}@{}", c.username, c.domain).to_lowercase());
+                self.guard.account(&canonical)
+            }
+        };
+        let target = probe
+            .facts
+            .connected
+            .map_or_else(|| format!("{}:{}", input.host, input.port), |a| a.to_string());
+        let scope = self.guard.target_scope(&target);
+        match self.guard.admit(account, &c.password, scope, budget).await {
+            Admission::Go(mut ticket) => {
+                ticket.sending();
+                let mut out = session.logon(stream, nla_input, budget).await;
+                let outcome = guard_outcome(&out);
+                ticket.finish(outcome).await;
+                out.detail = format!("{} (target authenticated: {proven_by})", out.detail);
+                out
+            }
+            Admission::Remembered(f) => {
+                session.push(f.at(Stage::Nla));
+                session
+                    .without_logon(
+                        stream,
+                        budget,
+                        "lockout guard: this password already failed for the account; logon not attempted",
+                    )
+                    .await
+            }
+            Admission::Refused(f) => {
+                session.push(f.at(Stage::Nla));
+                session
+                    .without_logon(stream, budget, "lockout guard: logon not attempted")
+                    .await
+            }
+            Admission::Proven { findings, usable } => {
+                for f in findings {
+                    session.push(f);
+                }
+                let mut out = session
+                    .without_logon(
+                        stream,
+                        budget,
+                        "logon proven by a concurrent check's attempt with the same password on this target",
+                    )
+                    .await;
+                out.facts.logon = if usable { "accepted" } else { "refused" }.into();
+                out
+            }
         }
     }
 
@@ -230,6 +341,7 @@ impl Checker {
             facts,
             tls,
             server_cert: _,
+            pin: _,
         } = probe;
         // Whatever the NLA stage did not take is closed here.
         drop(tls);
@@ -309,6 +421,70 @@ impl Checker {
             duration: budget.elapsed(),
         }
     }
+}
+
+/// How the target proved who it is, or why it did not.
+fn target_authenticated(
+    probe: &ProbeOutcome,
+    input: &CheckInput,
+    so_far: &NlaOutcome,
+) -> Result<&'static str, &'static str> {
+    let verified = probe
+        .facts
+        .certificate
+        .as_ref()
+        .is_some_and(|c| c.verifier_verdict == probe::cert::TRUSTED)
+        && !probe.findings.iter().any(|f| f.cause == Cause::CertNameMismatch);
+    if verified {
+        return Ok("certificate verified");
+    }
+    if probe.pin == PinStatus::Matched {
+        return Ok("certificate pin matched");
+    }
+    if !input.expected_computer.trim().is_empty()
+        && !so_far.findings.iter().any(|f| f.cause == Cause::TargetIdentityMismatch)
+    {
+        return Ok("expected computer matched");
+    }
+    Err(
+        "the target has not proven who it is (its certificate does not verify against the trust \
+         anchors, no pin recorded earlier matched, and the request names no expected_computer); \
+         set nla.logon = \"always\" to log on anyway",
+    )
+}
+
+/// What an NLA logon means for the lockout guard (independent of severity overrides).
+fn guard_outcome(out: &NlaOutcome) -> Outcome {
+    if !out.logon_attempted {
+        return Outcome::NotSent;
+    }
+    if !out.logon_failed {
+        return Outcome::Proven {
+            findings: Vec::new(),
+            usable: true,
+        };
+    }
+    let f =
+        out.findings.last().cloned().unwrap_or_else(|| {
+            Finding::new(Cause::NlaLogonFailed, "the target did not accept the logon").at(Stage::Nla)
+        });
+    match out.facts.ntstatus {
+        Some(s) if crate::nla::proves_password_right(s) => Outcome::Proven {
+            findings: vec![f],
+            usable: false,
+        },
+        _ if out.facts.logon == "no_answer" => Outcome::Unknown(f),
+        _ if f.evidence.iter().any(|(k, _)| k == "possible_interception") => Outcome::Unknown(f),
+        _ => Outcome::Refused(f),
+    }
+}
+
+/// Checks a request's credential before any check: `Err` names the field.
+pub fn validate_credential(cfg: &Config, c: &Credential) -> Result<(), (&'static str, String)> {
+    cfg.domains
+        .split(&c.username, &c.domain)
+        .map(|_| ())
+        .map_err(|e| ("credential.domain", e.to_string()))
 }
 
 fn wall_clock() -> (i64, u32) {

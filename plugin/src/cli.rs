@@ -143,6 +143,10 @@ struct CheckArgs {
     /// Never complete the NTLM logon on the target (the challenge is still read).
     #[arg(long)]
     no_nla_logon: bool,
+    /// When to complete the NTLM logon: auto (only towards a target that proved who it is),
+    /// always, or off (overrides config).
+    #[arg(long, value_name = "MODE")]
+    nla_logon: Option<String>,
 }
 
 /// Entry point of the binary.
@@ -297,6 +301,9 @@ fn check(args: CheckArgs) -> ExitCode {
     if let Some(b) = &args.bind_as {
         file.directory.bind_as = b.clone();
     }
+    if let Some(m) = &args.nla_logon {
+        file.nla.logon = m.clone();
+    }
     if args.no_nla_logon {
         file.nla.logon = "off".into();
     }
@@ -324,6 +331,11 @@ fn check(args: CheckArgs) -> ExitCode {
         (None, Some(_)) => return usage("--password-env/--password-file need --user"),
         (None, None) => None,
     };
+    if let Some(c) = &credential {
+        if let Err((field, why)) = crate::check::validate_credential(&cfg, c) {
+            return usage(format!("--domain ({field}): {why}"));
+        }
+    }
     let mut requested = 0;
     for p in &args.protocols {
         match config::parse_protocol(p) {

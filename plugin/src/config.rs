@@ -70,7 +70,10 @@ pub struct NlaFile {
     /// Read the NTLM challenge (computer and domain names, clock, CredSSP version) (default true).
     pub enabled: bool,
     /// `auto`: complete the NTLM logon when the request carries a credential (after a
-    /// successful bind when a directory is configured); `off`: never log on (default `auto`).
+    /// successful bind when a directory is configured) and the target has proven who it is
+    /// (its certificate verified against the trust anchors, a pin recorded earlier matched,
+    /// or `expected_computer` matched the challenge); `always`: log on to any target, even an
+    /// unauthenticated one (the behaviour before 0.2); `off`: never log on (default `auto`).
     pub logon: String,
     /// CLOCK_SKEW above this offset between the target's clock and ours (default 300 s).
     pub clock_tolerance_secs: u64,
@@ -371,8 +374,10 @@ pub struct Config {
     pub log_level: String,
     /// NLA stage on.
     pub nla_enabled: bool,
-    /// NLA logon allowed (`nla.logon = "auto"`).
-    pub nla_logon: bool,
+    /// When the NLA stage logs on.
+    pub nla_logon: NlaLogon,
+    /// The domains' NetBIOS and DNS names (`directory.domains`).
+    pub domains: crate::guard::identity::Domains,
     /// CLOCK_SKEW threshold.
     pub nla_clock_tolerance: Duration,
     /// NLA stage limit.
@@ -631,10 +636,17 @@ impl FileConfig {
             log_level: self.log.level.clone(),
             nla_enabled: self.nla.enabled,
             nla_logon: match self.nla.logon.as_str() {
-                "auto" => true,
-                "off" => false,
-                other => return Err(err("nla.logon", format!("{other:?}: use \"auto\" or \"off\""))),
+                "auto" => NlaLogon::Auto,
+                "always" => NlaLogon::Always,
+                "off" => NlaLogon::Off,
+                other => {
+                    return Err(err(
+                        "nla.logon",
+                        format!("{other:?}: use \"auto\", \"always\" or \"off\""),
+                    ))
+                }
             },
+            domains: self.directory.domains().map_err(ConfigError)?,
             nla_clock_tolerance: Duration::from_secs(self.nla.clock_tolerance_secs),
             nla_timeout: ms("nla.timeout_ms", self.nla.timeout_ms)?,
             nla_guard_window: Duration::from_secs(self.nla.guard_window_secs),
@@ -645,6 +657,17 @@ impl FileConfig {
             file: self.clone(),
         })
     }
+}
+
+/// When the NLA stage completes a logon with the request's credential.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NlaLogon {
+    /// Only towards a target that has proven who it is.
+    Auto,
+    /// Towards any target.
+    Always,
+    /// Never: the challenge only.
+    Off,
 }
 
 /// Parses a protocol name (`rdp`, `ssl`/`tls`, `hybrid`/`nla`, `rdstls`, `hybrid_ex`, `rdsaad`).

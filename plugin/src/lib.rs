@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod credential;
 pub mod deadline;
+pub mod guard;
 pub mod metrics;
 pub mod nla;
 pub mod policy;

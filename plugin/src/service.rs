@@ -259,11 +259,16 @@ pub fn validate(req: pb::CheckRequest, cfg: &Config, deadline: Option<Duration>)
                 // Never echo any of it.
                 bad("credential.password", "longer than 1024 bytes");
             }
-            Some(Credential {
+            let cred = Credential {
                 username: c.username,
                 domain: c.domain,
                 password: Password::new(c.password),
-            })
+            };
+            // A domain that contradicts the UPN or down-level name: which account is meant?
+            if let Err((field, why)) = crate::check::validate_credential(cfg, &cred) {
+                bad(field, &why);
+            }
+            Some(cred)
         }
     };
     let requester = req.requester.unwrap_or_default();

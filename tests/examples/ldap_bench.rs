@@ -110,8 +110,9 @@ async fn main() {
         ..Default::default()
     };
     let checker = |pool_size| {
-        Arc::new(CredentialChecker::new(
+        Arc::new(CredentialChecker::standalone(
             file(pool_size).validate().expect("valid").expect("some"),
+            Default::default(),
         ))
     };
     let mut rows = Vec::new();

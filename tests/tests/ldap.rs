@@ -7,30 +7,18 @@ use std::{
     io::Write,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use gateway_sim::directory::{start_directory, Account, Directory, DirectoryOptions};
-use integration_tests::slapd::{self, Slapd};
+use integration_tests::{
+    budget, cred,
+    slapd::{self, Slapd},
+};
 use rdp_preflight::{
     cause::Cause,
     credential::{CredentialChecker, CredentialOutcome, DirectoryFile},
-    deadline::Budget,
     report::StageStatus,
-    secret::{Credential, Password},
 };
-
-fn cred(user: &str, domain: &str, pw: &str) -> Credential {
-    Credential {
-        username: user.into(),
-        domain: domain.into(),
-        password: Password::new(pw.into()),
-    }
-}
-
-fn budget() -> Budget {
-    Budget::new(Duration::from_secs(10))
-}
 
 fn file_for(s: &Slapd) -> DirectoryFile {
     DirectoryFile {
@@ -42,7 +30,11 @@ fn file_for(s: &Slapd) -> DirectoryFile {
 }
 
 fn checker(f: DirectoryFile) -> CredentialChecker {
-    CredentialChecker::new(f.validate().expect("valid config").expect("servers configured"))
+    let domains = f.domains().expect("valid domains");
+    CredentialChecker::standalone(
+        f.validate().expect("valid config").expect("servers configured"),
+        domains,
+    )
 }
 
 fn evidence<'a>(o: &'a CredentialOutcome, key: &str) -> Option<&'a str> {

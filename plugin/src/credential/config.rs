@@ -69,6 +69,11 @@ pub struct DirectoryFile {
     /// OpenLDAP: DN of the default password policy (the server's `ppolicy_default`), used by
     /// `read_lockout_state` when the entry has no `pwdPolicySubentry`. Default: none.
     pub default_policy_dn: Option<String>,
+    /// The domains' two names, NetBIOS = DNS (e.g. `{ EXAMPLE = "example.test" }`), so that
+    /// `EXAMPLE\user`, `user@example.test` and `user` + `EXAMPLE` are one account for the
+    /// lockout guard, and a request whose domain contradicts its UPN is refused. Used by the
+    /// NLA stage too, with or without `servers`. Default: none.
+    pub domains: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for DirectoryFile {
@@ -92,6 +97,7 @@ impl Default for DirectoryFile {
             pool_size: 4,
             read_lockout_state: false,
             default_policy_dn: None,
+            domains: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -228,6 +234,12 @@ impl DirectoryFile {
 
     /// Checks the table; `Ok(None)` when no server is configured. Reads `ca_file` and the
     /// service password now, so that a bad file fails at startup.
+    /// The validated `directory.domains`.
+    pub fn domains(&self) -> Result<crate::guard::identity::Domains, String> {
+        crate::guard::identity::Domains::new(self.domains.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|e| format!("directory.domains: {e}"))
+    }
+
     pub fn validate(&self) -> Result<Option<DirectoryConfig>, String> {
         if self.servers.is_empty() {
             return Ok(None);

@@ -2,32 +2,38 @@
 //! lockout-safe, with the password-policy control and AD's `data` sub-code mapped to the 6xx
 //! and 65x causes.
 //!
-//! Flow of one check: empty password → CRED_MISSING (no traffic); success cache (if enabled);
-//! lockout guard (same failing password → remembered cause; too many distinct ones →
-//! CRED_LOCKOUT_GUARD); a pooled or fresh connection (servers in order, failover on connect/TLS
-//! failure only); optionally the service account's search and lockout-state read; the bind
-//! with the ppolicy request control; the answer mapped to a cause with its raw evidence.
+//! Flow of one check: empty password → CRED_MISSING (no traffic); a reservation from the
+//! lockout guard (see [`crate::guard`]: a refused password is answered from memory, a proof
+//! within the success-cache TTL too, a spent budget is CRED_LOCKOUT_GUARD) keyed on the
+//! canonical bind identity, or, with `bind_as = search`, on the DN the search found; a pooled
+//! or fresh connection (servers in order, failover on connect/TLS failure only); optionally the
+//! service account's search and lockout-state read; the bind with the ppolicy request control,
+//! sent at most once (a bind whose request reached the connection is never resent: only a bind
+//! that could not be handed to a dead pooled connection is made again on a fresh one); the
+//! answer mapped to a cause with its raw evidence, and to the guard's outcome (no answer counts
+//! as a failed attempt).
 
 pub mod ad;
 mod config;
 pub mod escape;
-mod guard;
 pub mod ppolicy;
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use ldap3::{asn1::StructureTag, controls::RawControl, Ldap, LdapConnAsync, LdapConnSettings, Scope, StdStream};
 
 pub use config::{BindAs, DirectoryConfig, DirectoryFile, ServerUrl, ServiceAccount};
-pub use guard::{Admission, LockoutGuard};
 
 use crate::{
     cause::Cause,
     deadline::{Budget, Expired},
+    guard::{identity, AccountKey, Admission, Guard, Outcome, Scope as GuardScope, Ticket},
     report::{CredentialFacts, Finding, StageStatus},
     secret::Credential,
 };
-use guard::SuccessCache;
 use ppolicy::{PpolicyError, PpolicyResponse, PpolicyWarning, OID_PASSWORD_POLICY};
 
 /// What the credential stage found.
@@ -43,6 +49,9 @@ pub struct CredentialOutcome {
     pub bind_succeeded: bool,
     /// One-line summary for the stage record.
     pub detail: String,
+    /// The lockout guard's key for the account, once known: the NLA stage spends attempts
+    /// from the same budget.
+    pub account: Option<AccountKey>,
 }
 
 struct PooledConn {
@@ -50,12 +59,12 @@ struct PooledConn {
     server: usize,
 }
 
-/// One per process: connection pool, lockout guard and optional success cache.
+/// One per process: connection pool; the lockout guard is shared with the NLA stage.
 pub struct CredentialChecker {
     cfg: DirectoryConfig,
     pool: Mutex<Vec<PooledConn>>,
-    guard: LockoutGuard,
-    cache: SuccessCache,
+    guard: Arc<Guard>,
+    domains: identity::Domains,
 }
 
 impl std::fmt::Debug for CredentialChecker {
@@ -78,7 +87,9 @@ enum ConnectError {
 enum OpError {
     /// No answer before the limit.
     Timeout(Expired),
-    /// The connection failed.
+    /// The request could not be handed to the connection: nothing was written.
+    NotSent(String),
+    /// The connection failed after the request was handed over.
     Io(String),
 }
 
@@ -153,6 +164,7 @@ pub fn bind_identity(bind_as: &BindAs, user: &str, domain: &str) -> Option<Strin
 /// Context of one check for building findings.
 struct Ctx {
     facts: CredentialFacts,
+    account: Option<AccountKey>,
 }
 
 impl Ctx {
@@ -185,26 +197,96 @@ impl Ctx {
             facts: self.facts,
             bind_succeeded: false,
             detail,
+            account: self.account,
+        }
+    }
+
+    /// The outcome when the guard answered without a bind.
+    fn answered_by_guard(mut self, a: Admission) -> CredentialOutcome {
+        self.facts.from_memory = true;
+        match a {
+            Admission::Go(_) => self.failed(Finding::new(
+                Cause::DirectoryError,
+                "internal error: the lockout guard's reservation was not used",
+            )),
+            Admission::Remembered(f) => {
+                tracing::debug!(
+                    cause = f.cause.name(),
+                    "credential answered from the lockout guard's memory"
+                );
+                self.failed_raw(f)
+            }
+            Admission::Refused(f) => {
+                tracing::info!(identity = %self.facts.bind_identity, "lockout guard refused a bind");
+                self.failed(f)
+            }
+            Admission::Proven { findings, usable } => {
+                let detail = if usable {
+                    "password proven right recently (from memory)".to_string()
+                } else {
+                    findings
+                        .first()
+                        .map_or_else(String::new, |f| format!("{}: {}", f.cause.name(), f.message))
+                };
+                CredentialOutcome {
+                    status: if usable { StageStatus::Ok } else { StageStatus::Failed },
+                    findings,
+                    facts: self.facts,
+                    bind_succeeded: usable,
+                    detail,
+                    account: self.account,
+                }
+            }
         }
     }
 }
 
+fn new_ctx() -> Ctx {
+    Ctx {
+        facts: CredentialFacts {
+            checked_by: "ldap".into(),
+            ..Default::default()
+        },
+        account: None,
+    }
+}
+
 impl CredentialChecker {
-    /// A checker for the validated config.
-    pub fn new(cfg: DirectoryConfig) -> Self {
-        let guard = LockoutGuard::new(cfg.guard_window, cfg.guard_max_distinct_failures);
-        let cache = SuccessCache::new(cfg.success_cache_ttl);
+    /// A checker for the validated config, spending attempts through `guard`.
+    pub fn new(cfg: DirectoryConfig, guard: Arc<Guard>, domains: identity::Domains) -> Self {
         CredentialChecker {
             cfg,
             pool: Mutex::new(Vec::new()),
             guard,
-            cache,
+            domains,
         }
     }
 
-    /// The lockout guard (the NLA stage consults and feeds it too).
-    pub fn guard(&self) -> &LockoutGuard {
+    /// A checker with a lockout guard of its own, in memory, from the config's guard
+    /// settings (benchmarks and tests; a service shares one guard with the NLA stage).
+    pub fn standalone(cfg: DirectoryConfig, domains: identity::Domains) -> Self {
+        let limits =
+            crate::guard::Limits::new(cfg.guard_window, cfg.guard_max_distinct_failures, cfg.success_cache_ttl);
+        let guard = Arc::new(Guard::memory(limits, crate::check::GUARD_CAPACITY));
+        CredentialChecker::new(cfg, guard, domains)
+    }
+
+    /// The lockout guard this checker spends attempts through.
+    pub fn guard(&self) -> &Guard {
         &self.guard
+    }
+
+    /// The canonical account a direct bind (not `search`) authenticates.
+    fn canonical(&self, user: &str, domain: &str, bind_identity: &str) -> String {
+        match &self.cfg.bind_as {
+            BindAs::Dn(_) => identity::dn(bind_identity),
+            // A contradiction is refused before the check (InvalidArgument); here the identity
+            // as sent still keys the account.
+            _ => self
+                .domains
+                .account(user, domain, "")
+                .unwrap_or_else(|_| bind_identity.to_lowercase()),
+        }
     }
 
     /// The config in use.
@@ -220,12 +302,7 @@ impl CredentialChecker {
     /// Proves the credential with a bind; never sends an empty password, never makes a bind
     /// the lockout guard refuses.
     pub async fn check(&self, cred: &Credential, budget: &Budget) -> CredentialOutcome {
-        let mut ctx = Ctx {
-            facts: CredentialFacts {
-                checked_by: "ldap".into(),
-                ..Default::default()
-            },
-        };
+        let mut ctx = new_ctx();
         let (user, domain) = (cred.username.trim(), cred.domain.trim());
         if let Some(id) = bind_identity(&self.cfg.bind_as, user, domain).filter(|_| !user.is_empty()) {
             ctx.facts.bind_identity = id;
@@ -241,36 +318,25 @@ impl CredentialChecker {
                 format!("{what}: not binding (an empty-password bind is an anonymous bind)"),
             ));
         }
-        if let Some(warnings) = self.cache.get(user, domain, &cred.password) {
-            ctx.facts.from_memory = true;
-            let detail = "bind succeeded recently (success cache)".to_string();
-            let status = StageStatus::Ok;
-            let findings = warnings.into_iter().map(|f| f.with("from_memory", true)).collect();
-            return CredentialOutcome {
-                status,
-                findings,
-                facts: ctx.facts,
-                bind_succeeded: true,
-                detail,
-            };
-        }
-        match self.guard.admit(user, domain, &cred.password) {
-            Admission::Proceed => {}
-            Admission::Remembered(f) => {
-                ctx.facts.from_memory = true;
-                tracing::debug!(
-                    cause = f.cause.name(),
-                    "credential answered from the lockout guard's memory"
-                );
-                return ctx.failed_raw(f);
-            }
-            Admission::Refused(f) => {
-                ctx.facts.from_memory = true;
-                tracing::info!(user = %user, "lockout guard refused a bind");
-                return ctx.failed(f);
+        // A direct bind knows its account now: reserve before connecting. `search` reserves
+        // once the search has found the DN.
+        let mut ticket = None;
+        if self.cfg.bind_as != BindAs::Search {
+            let account = self
+                .guard
+                .account(&self.canonical(user, domain, &ctx.facts.bind_identity));
+            ctx.account = Some(account);
+            match self
+                .guard
+                .admit(account, &cred.password, GuardScope::DIRECTORY, budget)
+                .await
+            {
+                Admission::Go(t) => ticket = Some(t),
+                other => return ctx.answered_by_guard(other),
             }
         }
-        // A pooled connection first; if it turns out dead before any answer, once more fresh.
+        // A pooled connection first; if it turns out dead before the bind was handed to it,
+        // once more on a fresh one.
         let mut pooled = self.take_pooled();
         loop {
             let was_pooled = pooled.is_some();
@@ -281,14 +347,19 @@ impl CredentialChecker {
                     Err(outcome) => return *outcome,
                 },
             };
-            match self.check_on(conn, cred, user, domain, budget, &mut ctx).await {
+            match self
+                .check_on(conn, cred, user, domain, budget, &mut ctx, &mut ticket)
+                .await
+            {
                 Step::Done(outcome) => return *outcome,
                 Step::Retry if was_pooled => {
                     tracing::debug!("pooled directory connection was dead; reconnecting");
-                    ctx.facts = CredentialFacts {
-                        checked_by: "ldap".into(),
-                        ..Default::default()
-                    };
+                    let account = ctx.account;
+                    ctx = new_ctx();
+                    ctx.account = account;
+                    if let Some(id) = bind_identity(&self.cfg.bind_as, user, domain) {
+                        ctx.facts.bind_identity = id;
+                    }
                     continue;
                 }
                 Step::Retry => {
@@ -361,13 +432,9 @@ impl CredentialChecker {
                 format!("no directory server reachable: {attempts}"),
             )
         };
-        let outcome = std::mem::replace(
-            ctx,
-            Ctx {
-                facts: CredentialFacts::default(),
-            },
-        )
-        .failed(f.with("attempts", &attempts));
+        let account = ctx.account;
+        let mut outcome = std::mem::replace(ctx, new_ctx()).failed(f.with("attempts", &attempts));
+        outcome.account = account;
         Err(Box::new(outcome))
     }
 
@@ -420,6 +487,7 @@ impl CredentialChecker {
     {
         match budget.run(self.cfg.bind_timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
+            Ok(Err(e @ ldap3::LdapError::OpSend { .. })) => Err(OpError::NotSent(e.to_string())),
             Ok(Err(e)) => Err(OpError::Io(e.to_string())),
             Err(which) => Err(OpError::Timeout(which)),
         }
@@ -441,7 +509,9 @@ impl CredentialChecker {
         Ok((entries, r.1.rc, r.1.text))
     }
 
-    /// Runs the check on one connection. `Retry` = the connection was dead before any answer.
+    /// Runs the check on one connection. `Retry` = the connection was dead before the bind
+    /// (or the service account's operations) could be handed to it.
+    #[allow(clippy::too_many_arguments)]
     async fn check_on(
         &self,
         mut conn: PooledConn,
@@ -450,17 +520,11 @@ impl CredentialChecker {
         domain: &str,
         budget: &Budget,
         ctx: &mut Ctx,
+        ticket: &mut Option<Ticket>,
     ) -> Step {
         let server = self.cfg.servers[conn.server].url();
         ctx.facts.directory_server = server.clone();
-        let take = |ctx: &mut Ctx| {
-            std::mem::replace(
-                ctx,
-                Ctx {
-                    facts: CredentialFacts::default(),
-                },
-            )
-        };
+        let take = |ctx: &mut Ctx| std::mem::replace(ctx, new_ctx());
         let op_failed = |ctx: &mut Ctx, e: OpError, what: &str, answered_before: bool| -> Step {
             match e {
                 OpError::Timeout(which) => Step::done(
@@ -472,8 +536,8 @@ impl CredentialChecker {
                         .with("limit", format!("{which:?}").to_lowercase()),
                     ),
                 ),
-                OpError::Io(_) if !answered_before => Step::Retry,
-                OpError::Io(err) => Step::done(take(ctx).failed(Finding::new(
+                OpError::NotSent(_) | OpError::Io(_) if !answered_before => Step::Retry,
+                OpError::NotSent(err) | OpError::Io(err) => Step::done(take(ctx).failed(Finding::new(
                     Cause::DirectoryUnreachable,
                     format!("connection lost during the {what}: {err}"),
                 ))),
@@ -518,6 +582,7 @@ impl CredentialChecker {
                 "pwdPolicySubentry",
                 "pwdAccountLockedTime",
                 "lockoutTime",
+                "msDS-ResultantPSO",
             ];
             let base = self.cfg.search_base.clone().unwrap_or_default();
             let (scope, base, filter) = match (&self.cfg.bind_as, &direct) {
@@ -570,13 +635,43 @@ impl CredentialChecker {
                 }
             }
             if self.cfg.bind_as == BindAs::Search {
-                ctx.facts.bind_identity = entry.as_ref().map(|e| e.dn.clone()).unwrap_or_default();
+                let dn = entry.as_ref().map(|e| e.dn.clone()).unwrap_or_default();
+                ctx.facts.bind_identity = dn.clone();
+                // The DN the directory authenticates is the account, whatever the spelling.
+                if ticket.is_none() {
+                    let account = self.guard.account(&identity::dn(&dn));
+                    ctx.account = Some(account);
+                    match self
+                        .guard
+                        .admit(account, &cred.password, GuardScope::DIRECTORY, budget)
+                        .await
+                    {
+                        Admission::Go(t) => *ticket = Some(t),
+                        other => {
+                            self.put_back(conn);
+                            return Step::done(take(ctx).answered_by_guard(other));
+                        }
+                    }
+                }
             }
             if self.cfg.read_lockout_state {
                 if let Some(e) = &entry {
-                    match self.lockout_state(&mut conn.ldap, budget, e).await {
+                    // Other checks' attempts in flight for this account count as failures.
+                    let others = match ctx.account {
+                        Some(a) => match self.guard.state(a).await {
+                            Ok(s) => Some(u64::from(s.in_flight.saturating_sub(1))),
+                            Err(_) => None,
+                        },
+                        None => Some(0),
+                    };
+                    let read = match others {
+                        Some(n) => self.lockout_state(&mut conn.ldap, budget, e, n).await,
+                        None => Ok(Some(unreadable("the lockout guard cannot count attempts in flight"))),
+                    };
+                    match read {
                         Ok(Some(f)) => {
                             self.put_back(conn);
+                            // Nothing was sent: the reservation is released.
                             return Step::done(take(ctx).failed(f));
                         }
                         Ok(None) => {}
@@ -586,15 +681,38 @@ impl CredentialChecker {
             }
         }
 
-        // The bind itself, with the password-policy request control.
+        // The bind itself, with the password-policy request control, under the reservation.
+        let Some(t) = ticket.as_mut() else {
+            return Step::done(take(ctx).failed(Finding::new(
+                Cause::DirectoryError,
+                "internal error: no lockout-guard reservation for the bind; not binding",
+            )));
+        };
         let identity = ctx.facts.bind_identity.clone();
+        t.sending();
         let bind = conn
             .ldap
             .with_controls(ppolicy_request())
             .simple_bind(&identity, cred.password.expose());
         let r = match self.op(budget, bind).await {
             Ok(r) => r,
-            Err(e) => return op_failed(ctx, e, "bind", needs_service),
+            Err(OpError::NotSent(e)) => {
+                // Never handed to the connection: the same reservation may try a fresh one.
+                tracing::debug!(error = %e, "bind not sent");
+                t.not_sent();
+                return Step::Retry;
+            }
+            Err(e) => {
+                // Sent, no answer: it counts, and is never resent.
+                let step = op_failed(ctx, e, "bind", true);
+                if let (Step::Done(o), Some(t)) = (&step, ticket.take()) {
+                    let f = o.findings.first().cloned().unwrap_or_else(|| {
+                        Finding::new(Cause::DirectoryTimeout, "the directory did not answer the bind")
+                    });
+                    t.finish(Outcome::Unknown(f.with("attempt_counted", true))).await;
+                }
+                return step;
+            }
         };
         self.put_back(conn);
         let pp = r
@@ -613,164 +731,74 @@ impl CredentialChecker {
         ctx.facts.diagnostic_message = r.text.clone();
         let data = if r.rc == 49 { ad::parse_data_code(&r.text) } else { None };
         ctx.facts.ad_data_code = data.clone().unwrap_or_default();
-        Step::done(self.judge(take(ctx), cred, user, domain, r.rc, &r.text, data.as_deref(), pp))
+        let (outcome, guard_outcome) = judge(take(ctx), r.rc, &r.text, data.as_deref(), pp);
+        if let Some(t) = ticket.take() {
+            t.finish(guard_outcome).await;
+        }
+        Step::done(outcome)
     }
 
-    /// Maps a bind answer to the outcome and feeds the guard and cache.
-    #[allow(clippy::too_many_arguments)]
-    fn judge(
+    /// Reads the failure count and the threshold (the account's own policy first: an AD PSO
+    /// through `msDS-ResultantPSO`, an OpenLDAP `pwdPolicySubentry`); a finding when one more
+    /// bad bind, counting `others` in flight, could lock, or when the threshold cannot be read.
+    async fn lockout_state(
         &self,
-        ctx: Ctx,
-        cred: &Credential,
-        user: &str,
-        domain: &str,
-        rc: u32,
-        text: &str,
-        data: Option<&str>,
-        pp: PpolicyResponse,
-    ) -> CredentialOutcome {
-        let with_pp = |mut f: Finding| {
-            if let Some(e) = pp.error {
-                f = f.with("ppolicy_error", e);
-            }
-            if let Some(w) = pp.warning {
-                f = f.with("ppolicy_warning", w);
-            }
-            f
-        };
-        if rc == 0 {
-            if pp.error == Some(PpolicyError::ChangeAfterReset) {
-                let f = with_pp(Finding::new(
-                    Cause::CredPasswordMustChange,
-                    "the password is right but must be changed before use (the directory reset it)",
-                ));
-                self.guard.record_success(user, domain);
-                return ctx.failed(f);
-            }
-            if pp.error == Some(PpolicyError::PasswordExpired) {
-                let f = with_pp(Finding::new(Cause::CredPasswordExpired, "the password has expired"));
-                self.guard.record_success(user, domain);
-                return ctx.failed(f);
-            }
-            self.guard.record_success(user, domain);
-            let mut findings = Vec::new();
-            let detail = match pp.warning {
-                Some(w) => {
-                    let msg = match w {
-                        PpolicyWarning::TimeBeforeExpiration(s) => {
-                            format!("bind succeeded; the password expires in {}", human_secs(s))
-                        }
-                        PpolicyWarning::GraceAuthNsRemaining(n) => {
-                            format!("bind succeeded on a grace login: the password has expired, {n} grace logins left")
-                        }
-                    };
-                    let f = ctx.evidence(with_pp(Finding::new(Cause::CredPasswordExpiring, msg.clone())));
-                    findings.push(f);
-                    msg
-                }
-                None => format!("bind succeeded as {}", ctx.facts.bind_identity),
-            };
-            self.cache.put(user, domain, &cred.password, findings.clone());
-            return CredentialOutcome {
-                status: StageStatus::Ok,
-                findings,
-                facts: ctx.facts,
-                bind_succeeded: true,
-                detail,
-            };
-        }
-        self.cache.forget(user, domain, &cred.password);
-        let (cause, msg, proven_right) = match rc {
-            49 => match (data, pp.error) {
-                (Some(code), _) if ad::cause_for_data_code(code).is_some() => {
-                    let cause = ad::cause_for_data_code(code).unwrap_or(Cause::CredInvalid);
-                    (cause, ad_message(cause), ad::proves_password_right(code))
-                }
-                (_, Some(PpolicyError::AccountLocked)) => (
-                    Cause::CredAccountLocked,
-                    "the account is locked (password policy)".to_string(),
-                    false,
-                ),
-                (_, Some(PpolicyError::PasswordExpired)) => (
-                    Cause::CredPasswordExpired,
-                    "the password has expired (password policy)".to_string(),
-                    true,
-                ),
-                (_, Some(PpolicyError::ChangeAfterReset)) => (
-                    Cause::CredPasswordMustChange,
-                    "the password must be changed (password policy)".to_string(),
-                    true,
-                ),
-                _ => (
-                    Cause::CredInvalid,
-                    "the directory rejected the password (invalid credentials): the stored password is stale or wrong"
-                        .to_string(),
-                    false,
-                ),
-            },
-            8 | 13 => (
-                Cause::DirectoryConfidentialityRequired,
-                format!(
-                    "the directory refuses simple binds without TLS (resultCode {rc}): use ldaps:// or StartTLS: {text}"
-                ),
-                false,
-            ),
-            _ => (
-                Cause::DirectoryError,
-                format!("the directory answered resultCode {rc}: {text}"),
-                false,
-            ),
-        };
-        let mut f = with_pp(Finding::new(cause, msg));
-        if cause == Cause::DirectoryError || cause == Cause::DirectoryConfidentialityRequired {
-            f = f.with("diagnostic_message", text);
-        }
-        let f = ctx.evidence(f);
-        let is_credential_failure = cause.number() / 50 == 12; // 600..=649
-        if is_credential_failure {
-            if proven_right {
-                self.guard.record_success(user, domain);
-            } else {
-                self.guard.record_failure(user, domain, &cred.password, &f);
-            }
-        }
-        let detail = format!("{}: {}", f.cause.name(), f.message);
-        CredentialOutcome {
-            status: StageStatus::Failed,
-            findings: vec![f],
-            facts: ctx.facts,
-            bind_succeeded: false,
-            detail,
-        }
-    }
-
-    /// Reads the failure count and the threshold; a finding when one more bad bind could lock.
-    async fn lockout_state(&self, ldap: &mut Ldap, budget: &Budget, e: &EntryInfo) -> Result<Option<Finding>, OpError> {
-        // Active Directory: badPwdCount on the entry, lockoutThreshold on the domain object.
+        ldap: &mut Ldap,
+        budget: &Budget,
+        e: &EntryInfo,
+        others: u64,
+    ) -> Result<Option<Finding>, OpError> {
+        // Active Directory: badPwdCount on the entry; the threshold of the resultant PSO, else
+        // lockoutThreshold on the domain object.
         if let Some(count) = e.first("badPwdCount").and_then(|v| v.trim().parse::<u64>().ok()) {
-            let (root, _, _) = self
-                .search(
-                    ldap,
-                    budget,
-                    "",
-                    Scope::Base,
-                    "(objectClass=*)",
-                    &["defaultNamingContext"],
-                )
-                .await?;
-            let nc = root.first().and_then(|r| r.first("defaultNamingContext"));
-            let mut threshold = 0;
-            if let Some(nc) = nc {
-                let (d, _, _) = self
-                    .search(ldap, budget, &nc, Scope::Base, "(objectClass=*)", &["lockoutThreshold"])
-                    .await?;
-                threshold = d
+            let read_threshold = |entries: &[EntryInfo], attr: &str| {
+                entries
                     .first()
-                    .and_then(|d| d.first("lockoutThreshold"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-            }
-            return Ok(refuse_near_threshold(count, threshold, "badPwdCount/lockoutThreshold"));
+                    .and_then(|d| d.first(attr))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            let (threshold, source) = if let Some(pso) = e.first("msDS-ResultantPSO") {
+                let (p, _, _) = self
+                    .search(
+                        ldap,
+                        budget,
+                        &pso,
+                        Scope::Base,
+                        "(objectClass=*)",
+                        &["msDS-LockoutThreshold"],
+                    )
+                    .await?;
+                (
+                    read_threshold(&p, "msDS-LockoutThreshold"),
+                    "badPwdCount/msDS-LockoutThreshold (PSO)",
+                )
+            } else {
+                let (root, _, _) = self
+                    .search(
+                        ldap,
+                        budget,
+                        "",
+                        Scope::Base,
+                        "(objectClass=*)",
+                        &["defaultNamingContext"],
+                    )
+                    .await?;
+                match root.first().and_then(|r| r.first("defaultNamingContext")) {
+                    Some(nc) => {
+                        let (d, _, _) = self
+                            .search(ldap, budget, &nc, Scope::Base, "(objectClass=*)", &["lockoutThreshold"])
+                            .await?;
+                        (read_threshold(&d, "lockoutThreshold"), "badPwdCount/lockoutThreshold")
+                    }
+                    None => (None, "badPwdCount/lockoutThreshold"),
+                }
+            };
+            let Some(threshold) = threshold else {
+                return Ok(Some(
+                    unreadable("no lockout threshold readable").with("lockout_state_source", source),
+                ));
+            };
+            return Ok(refuse_near_threshold(count, others, threshold, source));
         }
         // OpenLDAP ppolicy: pwdFailureTime values, pwdMaxFailure on the policy entry.
         let failures = e.count("pwdFailureTime") as u64;
@@ -788,33 +816,176 @@ impl CredentialChecker {
                     &["pwdMaxFailure", "pwdLockout"],
                 )
                 .await?;
-            let Some(p) = p.first() else { return Ok(None) };
+            let Some(p) = p.first() else {
+                return Ok(Some(
+                    unreadable("the password policy entry cannot be read").with("policy_dn", &policy),
+                ));
+            };
             let lockout = p.first("pwdLockout").is_some_and(|v| v.eq_ignore_ascii_case("TRUE"));
-            let max = p
-                .first("pwdMaxFailure")
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
             if lockout {
-                return Ok(refuse_near_threshold(failures, max, "pwdFailureTime/pwdMaxFailure"));
+                let Some(max) = p.first("pwdMaxFailure").and_then(|v| v.trim().parse().ok()) else {
+                    return Ok(Some(unreadable("pwdMaxFailure is missing").with("policy_dn", &policy)));
+                };
+                return Ok(refuse_near_threshold(
+                    failures,
+                    others,
+                    max,
+                    "pwdFailureTime/pwdMaxFailure",
+                ));
             }
         }
         Ok(None)
     }
 }
 
-fn refuse_near_threshold(count: u64, threshold: u64, source: &str) -> Option<Finding> {
-    (threshold > 0 && count + 1 >= threshold).then(|| {
+fn refuse_near_threshold(count: u64, in_flight: u64, threshold: u64, source: &str) -> Option<Finding> {
+    (threshold > 0 && count + in_flight + 1 >= threshold).then(|| {
         Finding::new(
             Cause::CredLockoutGuard,
             format!(
-                "not binding: the account already has {count} failed logons and locks at {threshold}; \
-                 one more bad bind would lock it"
+                "not binding: the account already has {count} failed logons ({in_flight} more in flight) and \
+                 locks at {threshold}; one more bad bind could lock it"
             ),
         )
         .with("bad_password_count", count)
+        .with("in_flight", in_flight)
         .with("lockout_threshold", threshold)
         .with("lockout_state_source", source)
     })
+}
+
+/// Maps a bind answer to the outcome and to what the lockout guard records.
+fn judge(ctx: Ctx, rc: u32, text: &str, data: Option<&str>, pp: PpolicyResponse) -> (CredentialOutcome, Outcome) {
+    let with_pp = |mut f: Finding| {
+        if let Some(e) = pp.error {
+            f = f.with("ppolicy_error", e);
+        }
+        if let Some(w) = pp.warning {
+            f = f.with("ppolicy_warning", w);
+        }
+        f
+    };
+    let proven_unusable = |ctx: Ctx, f: Finding| {
+        let f = ctx.evidence(f);
+        let o = ctx.failed_raw(f.clone());
+        (
+            o,
+            Outcome::Proven {
+                findings: vec![f],
+                usable: false,
+            },
+        )
+    };
+    if rc == 0 {
+        if pp.error == Some(PpolicyError::ChangeAfterReset) {
+            let f = with_pp(Finding::new(
+                Cause::CredPasswordMustChange,
+                "the password is right but must be changed before use (the directory reset it)",
+            ));
+            return proven_unusable(ctx, f);
+        }
+        if pp.error == Some(PpolicyError::PasswordExpired) {
+            let f = with_pp(Finding::new(Cause::CredPasswordExpired, "the password has expired"));
+            return proven_unusable(ctx, f);
+        }
+        let mut findings = Vec::new();
+        let detail = match pp.warning {
+            Some(w) => {
+                let msg = match w {
+                    PpolicyWarning::TimeBeforeExpiration(s) => {
+                        format!("bind succeeded; the password expires in {}", human_secs(s))
+                    }
+                    PpolicyWarning::GraceAuthNsRemaining(n) => {
+                        format!("bind succeeded on a grace login: the password has expired, {n} grace logins left")
+                    }
+                };
+                let f = ctx.evidence(with_pp(Finding::new(Cause::CredPasswordExpiring, msg.clone())));
+                findings.push(f);
+                msg
+            }
+            None => format!("bind succeeded as {}", ctx.facts.bind_identity),
+        };
+        let guard = Outcome::Proven {
+            findings: findings.clone(),
+            usable: true,
+        };
+        let outcome = CredentialOutcome {
+            status: StageStatus::Ok,
+            findings,
+            facts: ctx.facts,
+            bind_succeeded: true,
+            detail,
+            account: ctx.account,
+        };
+        return (outcome, guard);
+    }
+    let (cause, msg, proven_right) = match rc {
+        49 => match (data, pp.error) {
+            (Some(code), _) if ad::cause_for_data_code(code).is_some() => {
+                let cause = ad::cause_for_data_code(code).unwrap_or(Cause::CredInvalid);
+                (cause, ad_message(cause), ad::proves_password_right(code))
+            }
+            (_, Some(PpolicyError::AccountLocked)) => (
+                Cause::CredAccountLocked,
+                "the account is locked (password policy)".to_string(),
+                false,
+            ),
+            (_, Some(PpolicyError::PasswordExpired)) => (
+                Cause::CredPasswordExpired,
+                "the password has expired (password policy)".to_string(),
+                true,
+            ),
+            (_, Some(PpolicyError::ChangeAfterReset)) => (
+                Cause::CredPasswordMustChange,
+                "the password must be changed (password policy)".to_string(),
+                true,
+            ),
+            _ => (
+                Cause::CredInvalid,
+                "the directory rejected the password (invalid credentials): the stored password is stale or wrong"
+                    .to_string(),
+                false,
+            ),
+        },
+        8 | 13 => (
+            Cause::DirectoryConfidentialityRequired,
+            format!(
+                "the directory refuses simple binds without TLS (resultCode {rc}): use ldaps:// or StartTLS: {text}"
+            ),
+            false,
+        ),
+        _ => (
+            Cause::DirectoryError,
+            format!("the directory answered resultCode {rc}: {text}"),
+            false,
+        ),
+    };
+    let mut f = with_pp(Finding::new(cause, msg));
+    if cause == Cause::DirectoryError || cause == Cause::DirectoryConfidentialityRequired {
+        f = f.with("diagnostic_message", text);
+    }
+    if proven_right {
+        return proven_unusable(ctx, f);
+    }
+    let f = ctx.evidence(f);
+    let is_credential_failure = cause.number() / 50 == 12; // 600..=649
+                                                           // A judgement of the credential is remembered for the password; any other answer still
+                                                           // counts as a failed attempt (the directory may have counted it) but is not remembered.
+    let guard = if is_credential_failure {
+        Outcome::Refused(f.clone())
+    } else {
+        Outcome::Unknown(f.clone())
+    };
+    (ctx.failed_raw(f), guard)
+}
+
+/// The finding when the lockout state cannot be read: fail closed.
+fn unreadable(why: &str) -> Finding {
+    Finding::new(
+        Cause::CredLockoutGuard,
+        format!("not binding: the account's lockout state cannot be read ({why}); one more bad bind could lock it"),
+    )
+    .with("lockout_state", "unreadable")
 }
 
 fn ad_message(cause: Cause) -> String {
@@ -893,9 +1064,11 @@ mod tests {
 
     #[test]
     fn threshold() {
-        assert!(refuse_near_threshold(2, 3, "x").is_some());
-        assert!(refuse_near_threshold(1, 3, "x").is_none());
-        assert!(refuse_near_threshold(9, 0, "x").is_none());
+        assert!(refuse_near_threshold(2, 0, 3, "x").is_some());
+        assert!(refuse_near_threshold(1, 0, 3, "x").is_none());
+        // Attempts in flight count as failures.
+        assert!(refuse_near_threshold(1, 1, 3, "x").is_some());
+        assert!(refuse_near_threshold(9, 0, 0, "x").is_none());
     }
 
     #[tokio::test]
@@ -910,7 +1083,11 @@ mod tests {
         .validate()
         .expect("valid")
         .expect("some");
-        let c = CredentialChecker::new(cfg);
+        let guard = Arc::new(Guard::memory(
+            crate::guard::Limits::new(Duration::from_secs(900), 1, Duration::ZERO),
+            100,
+        ));
+        let c = CredentialChecker::new(cfg, guard, identity::Domains::default());
         let cred = Credential {
             username: "alice".into(),
             domain: "".into(),

@@ -480,21 +480,52 @@ fn millis(d: Duration) -> i64 {
 }
 
 /// Runs the stage on `stream` (the TLS stream after the X.224 exchange selected HYBRID or
-/// HYBRID_EX). Never sends TSCredentials; shuts the stream down at the end.
+/// HYBRID_EX): [`hello`], then [`Session::logon`] when the input carries a credential. Never
+/// sends TSCredentials; shuts the stream down at the end.
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     input: &NlaInput<'_>,
     budget: &Budget,
     stage_limit: Duration,
 ) -> NlaOutcome {
+    match hello(stream, input, budget, stage_limit).await {
+        Ok(session) => session.logon(stream, input, budget).await,
+        Err(out) => out,
+    }
+}
+
+/// The stage after the CHALLENGE: the target's facts are known, nothing with the password has
+/// been sent. Either [`Session::logon`] or [`Session::without_logon`] ends it.
+pub struct Session {
+    client: Client,
+    out: NlaOutcome,
+    summary: String,
+    started: Instant,
+    stage_deadline: Instant,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("summary", &self.summary)
+            .finish_non_exhaustive()
+    }
+}
+
+/// NEGOTIATE → CHALLENGE, judged (version, identity, clock). `Err`: the stage is over (the
+/// stream is closed and the outcome final).
+pub async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    input: &NlaInput<'_>,
+    budget: &Budget,
+    stage_limit: Duration,
+) -> Result<Session, NlaOutcome> {
     let started = Instant::now();
     let stage_deadline = started + stage_limit;
     let mut out = NlaOutcome::new();
     let identity = input.credential.map(Identity::from_credential);
-    let account = identity.as_ref().map(Identity::display);
     let mut client = Client::new(identity, random_entropy());
 
-    // NEGOTIATE → CHALLENGE.
     let negotiate = client.negotiate();
     let sent_at = started.elapsed();
     let answer = round_trip(stream, &negotiate, budget, stage_deadline).await;
@@ -505,7 +536,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             out.findings
                 .push(io_finding(&fail, Phase::Negotiate, budget, received_at));
             close(stream, budget).await;
-            return out.finish("no CHALLENGE from the target".into());
+            return Err(out.finish("no CHALLENGE from the target".into()));
         }
     };
     let hello = match client.on_challenge(&bytes) {
@@ -517,7 +548,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             }
             out.findings.push(refusal_finding(&r, Phase::Negotiate));
             close(stream, budget).await;
-            return out.finish(format!("no CHALLENGE: {r}"));
+            return Err(out.finish(format!("no CHALLENGE: {r}")));
         }
     };
     let our_ms = input.now_unix_ms + millis((sent_at + received_at) / 2);
@@ -528,65 +559,120 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         out.facts.netbios_computer.clone()
     };
     let summary = format!("CredSSP v{}, computer {who:?}", out.facts.credssp_version);
+    Ok(Session {
+        client,
+        out,
+        summary,
+        started,
+        stage_deadline,
+    })
+}
 
-    let Some(account) = account else {
-        close(stream, budget).await;
-        return out.finish(format!("{summary}; no credential: logon not attempted"));
-    };
-    if out.findings.iter().any(|f| f.cause == Cause::TargetIdentityMismatch) {
-        close(stream, budget).await;
-        return out.finish(format!(
-            "{summary}; logon not attempted: the target is not the expected computer"
-        ));
-    }
-    if input.credential.is_some_and(|c| c.password.is_empty()) {
-        close(stream, budget).await;
-        return out.finish(format!("{summary}; empty password: logon not attempted"));
+impl Session {
+    /// What the CHALLENGE told so far (facts and findings).
+    pub fn so_far(&self) -> &NlaOutcome {
+        &self.out
     }
 
-    // AUTHENTICATE + pubKeyAuth → pubKeyAuth | errorCode | close.
-    let now_ft = ntlm::unix_ms_to_filetime(input.now_unix_ms + millis(started.elapsed()));
-    let authenticate = match client.authenticate(input.server_public_key, now_ft) {
-        Ok(m) => m,
-        Err(r) => {
-            out.findings.push(refusal_finding(&r, Phase::Negotiate));
+    /// Ends the stage without a logon, saying why.
+    pub async fn without_logon<S: AsyncWrite + Unpin>(self, stream: &mut S, budget: &Budget, why: &str) -> NlaOutcome {
+        close(stream, budget).await;
+        let summary = self.summary;
+        self.out.finish(format!("{summary}; {why}"))
+    }
+
+    /// Adds a finding before the stage ends (e.g. the lockout guard's, at stage nla).
+    pub fn push(&mut self, f: Finding) {
+        self.out.findings.push(f);
+    }
+
+    /// AUTHENTICATE + pubKeyAuth → pubKeyAuth | errorCode | close, with the input's
+    /// credential; without one (or towards the wrong computer, or with an empty password) the
+    /// stage ends without a logon.
+    pub async fn logon<S: AsyncRead + AsyncWrite + Unpin>(
+        self,
+        stream: &mut S,
+        input: &NlaInput<'_>,
+        budget: &Budget,
+    ) -> NlaOutcome {
+        let Session {
+            mut client,
+            mut out,
+            summary,
+            started,
+            stage_deadline,
+        } = self;
+        let Some(account) = input.credential.map(|c| Identity::from_credential(c).display()) else {
             close(stream, budget).await;
-            return out.finish(format!("{summary}; logon not attempted: {r}"));
+            return out.finish(format!("{summary}; no credential: logon not attempted"));
+        };
+        if out.findings.iter().any(|f| f.cause == Cause::TargetIdentityMismatch) {
+            close(stream, budget).await;
+            return out.finish(format!(
+                "{summary}; logon not attempted: the target is not the expected computer"
+            ));
         }
-    };
-    out.logon_attempted = true;
-    let answer = round_trip(stream, &authenticate, budget, stage_deadline).await;
-    let waited = started.elapsed();
-    let result = match answer {
-        Ok(bytes) => client.on_answer(&bytes).map_err(|r| {
-            if let Refusal::ErrorCode { status, .. } = r {
-                out.facts.ntstatus = Some(status);
-            }
-            refusal_finding(&r, Phase::Authenticate)
-        }),
-        Err(fail) => {
-            if matches!(fail, IoFail::Expired(_)) {
-                out.facts.logon = "no_answer".into();
-            }
-            Err(io_finding(&fail, Phase::Authenticate, budget, waited))
+        if input.credential.is_some_and(|c| c.password.is_empty()) {
+            close(stream, budget).await;
+            return out.finish(format!("{summary}; empty password: logon not attempted"));
         }
-    };
-    close(stream, budget).await;
-    match result {
-        Ok(()) => {
-            out.facts.logon = "accepted".into();
-            out.finish(format!("{summary}; logon accepted for {account}"))
-        }
-        Err(f) => {
-            if out.facts.logon != "no_answer" {
-                out.facts.logon = "refused".into();
+        let now_ft = ntlm::unix_ms_to_filetime(input.now_unix_ms + millis(started.elapsed()));
+        let authenticate = match client.authenticate(input.server_public_key, now_ft) {
+            Ok(m) => m,
+            Err(r) => {
+                out.findings.push(refusal_finding(&r, Phase::Negotiate));
+                close(stream, budget).await;
+                return out.finish(format!("{summary}; logon not attempted: {r}"));
             }
-            out.logon_failed = true;
-            let detail = format!("{summary}; logon for {account} not accepted: {}", f.cause.name());
-            out.findings.push(f.with("account", &account));
-            out.finish(detail)
+        };
+        out.logon_attempted = true;
+        let answer = round_trip(stream, &authenticate, budget, stage_deadline).await;
+        let waited = started.elapsed();
+        let result = match answer {
+            Ok(bytes) => client.on_answer(&bytes).map_err(|r| {
+                if let Refusal::ErrorCode { status, .. } = r {
+                    out.facts.ntstatus = Some(status);
+                }
+                refusal_finding(&r, Phase::Authenticate)
+            }),
+            Err(fail) => {
+                if matches!(fail, IoFail::Expired(_)) {
+                    out.facts.logon = "no_answer".into();
+                }
+                Err(io_finding(&fail, Phase::Authenticate, budget, waited))
+            }
+        };
+        close(stream, budget).await;
+        match result {
+            Ok(()) => {
+                out.facts.logon = "accepted".into();
+                out.finish(format!("{summary}; logon accepted for {account}"))
+            }
+            Err(f) => {
+                if out.facts.logon != "no_answer" {
+                    out.facts.logon = "refused".into();
+                }
+                out.logon_failed = true;
+                let detail = format!("{summary}; logon for {account} not accepted: {}", f.cause.name());
+                out.findings.push(f.with("account", &account));
+                out.finish(detail)
+            }
         }
     }
+}
+
+/// True when an NTSTATUS answer to the AUTHENTICATE is only given once the password has been
+/// checked and found right (the account may still not log on): the lockout guard records a
+/// proof, not a failure.
+pub fn proves_password_right(status: u32) -> bool {
+    matches!(
+        status,
+        0xC000_015B // STATUS_LOGON_TYPE_NOT_GRANTED
+            | 0xC000_0224 // STATUS_PASSWORD_MUST_CHANGE
+            | 0xC000_0071 // STATUS_PASSWORD_EXPIRED
+            | 0xC000_006F // STATUS_INVALID_LOGON_HOURS
+            | 0xC000_0070 // STATUS_INVALID_WORKSTATION
+    )
 }
 
 #[cfg(test)]

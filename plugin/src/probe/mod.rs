@@ -63,6 +63,8 @@ pub struct ProbeOutcome {
     pub tls: Option<TlsStream>,
     /// The server's end-entity certificate (its public key binds CredSSP).
     pub server_cert: Option<CertificateDer<'static>>,
+    /// What the pin store said of that certificate.
+    pub pin: pins::PinStatus,
 }
 
 /// Stage bookkeeping: offsets relative to the check start.
@@ -329,7 +331,9 @@ impl Prober {
             };
             let (facts, mut found) = cert::analyse(&attempt.chain, &inputs);
             let key = pins::target_key(&req.host, req.port);
-            if let Some(f) = self.pins.check(&key, &facts.sha256_fingerprint) {
+            let (pin, mismatch) = self.pins.check_status(&key, &facts.sha256_fingerprint);
+            out.pin = pin;
+            if let Some(f) = mismatch {
                 found.push(f.with("target", &key));
             }
             let failed = found

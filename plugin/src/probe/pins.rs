@@ -19,6 +19,20 @@ pub struct PinStore {
     path: Option<PathBuf>,
 }
 
+/// What the pin store said of a certificate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PinStatus {
+    /// No pin store, or no certificate.
+    #[default]
+    None,
+    /// First sight: recorded now, proves nothing.
+    FirstUse,
+    /// Equal to a fixed pin or to the one recorded earlier: the target is the one seen before.
+    Matched,
+    /// Differs from the pin.
+    Mismatch,
+}
+
 /// Key of a target in the store.
 pub fn target_key(host: &str, port: u16) -> String {
     format!("{}:{port}", host.trim_end_matches('.').to_ascii_lowercase())
@@ -44,13 +58,24 @@ impl PinStore {
 
     /// Compares `fingerprint` with the fixed pin, else the one last seen; remembers a first sight.
     pub fn check(&self, key: &str, fingerprint: &str) -> Option<Finding> {
+        self.check_status(key, fingerprint).1
+    }
+
+    /// As [`PinStore::check`], and what the comparison proves.
+    pub fn check_status(&self, key: &str, fingerprint: &str) -> (PinStatus, Option<Finding>) {
+        let judged = |f: Option<Finding>| match f {
+            Some(f) => (PinStatus::Mismatch, Some(f)),
+            None => (PinStatus::Matched, None),
+        };
         if let Some(p) = self.fixed.get(key) {
-            return cert::pin_finding(fingerprint, p, "pinned");
+            return judged(cert::pin_finding(fingerprint, p, "pinned"));
         }
-        let seen = self.seen.as_ref()?;
-        let mut map = seen.lock().ok()?;
+        let Some(seen) = self.seen.as_ref() else {
+            return (PinStatus::None, None);
+        };
+        let mut map = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match map.get(key) {
-            Some(p) => cert::pin_finding(fingerprint, p, "last seen"),
+            Some(p) => judged(cert::pin_finding(fingerprint, p, "last seen")),
             None => {
                 map.insert(key.to_owned(), fingerprint.to_owned());
                 if let Some(path) = &self.path {
@@ -58,7 +83,7 @@ impl PinStore {
                         tracing::warn!(path = %path.display(), error = %e, "pin store not written");
                     }
                 }
-                None
+                (PinStatus::FirstUse, None)
             }
         }
     }
