@@ -100,6 +100,11 @@ pub struct DirectoryOptions {
     /// Answer every bind only after this long (the bind is judged and counted at once, as a
     /// slow domain controller does). Default: zero.
     pub bind_delay: std::time::Duration,
+    /// Fine-grained password policies: (account, the PSO's `msDS-LockoutThreshold`). The
+    /// account's entry names the PSO in `msDS-ResultantPSO` and locks at its threshold; `None`:
+    /// the PSO entry cannot be read (a service account without rights on the Password Settings
+    /// Container). Default: none.
+    pub pso: Vec<(String, Option<u32>)>,
 }
 
 impl Default for DirectoryOptions {
@@ -112,6 +117,7 @@ impl Default for DirectoryOptions {
             netbios_domain: "EXAMPLE".into(),
             dns_domain: "example.test".into(),
             bind_delay: std::time::Duration::ZERO,
+            pso: Vec::new(),
         }
     }
 }
@@ -504,6 +510,26 @@ impl Shared {
         }
     }
 
+    /// The account's PSO, if any: its DN and threshold (`None`: unreadable).
+    fn pso_of(&self, name: &str) -> Option<(String, Option<u32>)> {
+        self.opts
+            .pso
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(n, t)| {
+                let dn = format!("CN=pso-{n},CN=Password Settings Container,CN=System,{}", self.base_dn);
+                (dn, *t)
+            })
+    }
+
+    /// The lockout threshold that applies to the account: its PSO's, else the domain's.
+    fn threshold_of(&self, name: &str) -> u32 {
+        match self.pso_of(name) {
+            Some((_, Some(t))) => t,
+            _ => self.opts.lockout_threshold,
+        }
+    }
+
     fn bind(&self, dn: &str, pw: &str, tls: bool) -> (LdapResult, Option<String>) {
         self.binds.fetch_add(1, Ordering::Relaxed);
         let fail = |data: &str| (result(LdapResultCode::InvalidCredentials, ad_bind_message(data)), None);
@@ -539,7 +565,8 @@ impl Shared {
         }
         if a.password != pw {
             a.bad_pwd_count += 1;
-            if self.opts.lockout_threshold > 0 && a.bad_pwd_count >= self.opts.lockout_threshold {
+            let threshold = self.threshold_of(&a.name);
+            if threshold > 0 && a.bad_pwd_count >= threshold {
                 a.locked_out = true;
                 tracing::info!(account = %a.name, "simulated directory locked an account");
             }
@@ -590,6 +617,16 @@ impl Shared {
                 ];
                 entries.push((self.base_dn.clone(), e));
             }
+            for (name, threshold) in &self.opts.pso {
+                let (dn, _) = self.pso_of(name).unwrap_or_default();
+                if let (Some(t), true) = (threshold, dn.to_ascii_lowercase() == base) {
+                    let e = vec![
+                        ("objectClass", vec!["top".into(), "msDS-PasswordSettings".into()]),
+                        ("msDS-LockoutThreshold", vec![t.to_string()]),
+                    ];
+                    entries.push((dn, e));
+                }
+            }
             let accounts = lock(&self.accounts);
             for a in accounts.values() {
                 let dn = format!("CN={},CN=Users,{}", a.name, self.base_dn);
@@ -602,9 +639,11 @@ impl Shared {
                     continue;
                 }
                 let domain = a.domain.clone().unwrap_or_else(|| self.opts.dns_domain.clone());
+                let pso = self.pso_of(&a.name).map(|(dn, _)| vec![dn]).unwrap_or_default();
                 entries.push((
                     dn.clone(),
                     vec![
+                        ("msDS-ResultantPSO", pso),
                         ("objectClass", vec!["top".into(), "person".into(), "user".into()]),
                         ("cn", vec![a.name.clone()]),
                         ("sAMAccountName", vec![a.name.clone()]),
@@ -633,7 +672,7 @@ impl Shared {
             }
             let attributes = attrs
                 .into_iter()
-                .filter(|(n, _)| all || req.attrs.iter().any(|a| a.eq_ignore_ascii_case(n)))
+                .filter(|(n, v)| !v.is_empty() && (all || req.attrs.iter().any(|a| a.eq_ignore_ascii_case(n))))
                 .map(|(n, v)| LdapPartialAttribute {
                     atype: n.to_string(),
                     vals: v.into_iter().map(String::into_bytes).collect(),

@@ -557,3 +557,67 @@ async fn shadow_server_stale_passwords_are_never_allowed() {
     let r = checker(&cfg).check(mk(shadow::password(user))).await;
     assert_eq!(r.nla.logon, "accepted", "{:?}", causes(&r));
 }
+
+/// `read_lockout_state` reads the account's own policy: an AD PSO (through
+/// `msDS-ResultantPSO`) with a lower threshold than the domain's wins, and a PSO that cannot be
+/// read refuses the bind (fail closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_lockout_state_uses_the_pso_and_fails_closed() {
+    let dir = start_directory(
+        &[
+            sim_account("svc", "Service-Pass-1"),
+            sim_account("pat", "Right-Pass-1"),
+            sim_account("quin", "Right-Pass-2"),
+        ],
+        DirectoryOptions {
+            lockout_threshold: 10,
+            pso: vec![("pat".into(), Some(2)), ("quin".into(), None)],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("directory");
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Someone else's bad password: badPwdCount 1 for pat.
+    let other = CredentialChecker::standalone(
+        sim_file(&dir, "upn", tmp.path())
+            .validate()
+            .expect("valid")
+            .expect("servers"),
+        Domains::default(),
+    );
+    let o = other.check(&cred("pat", "EXAMPLE", "Someone-Else"), &budget()).await;
+    assert_eq!(cause(&o), Cause::CredInvalid);
+    assert_eq!(dir.bad_pwd_count("pat"), Some(1));
+
+    let pw = tmp.path().join("svc.pw");
+    std::fs::write(&pw, "Service-Pass-1\n").expect("write");
+    let mut f = sim_file(&dir, "search", tmp.path());
+    f.service_dn = Some(dir.user_dn("svc"));
+    f.service_password_file = Some(pw);
+    f.search_base = Some(dir.base_dn().to_string());
+    f.read_lockout_state = true;
+    let c = CredentialChecker::standalone(f.validate().expect("valid").expect("servers"), Domains::default());
+    let binds = dir.bind_count();
+    let o = c.check(&cred("pat", "", "Stale-1"), &budget()).await;
+    assert_eq!(cause(&o), Cause::CredLockoutGuard, "{o:?}");
+    let ev = |k: &str| {
+        o.findings[0]
+            .evidence
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(ev("lockout_threshold").as_deref(), Some("2"));
+    assert!(ev("lockout_state_source").is_some_and(|s| s.contains("PSO")));
+    assert_eq!(dir.bind_count(), binds + 1, "only the service account bound");
+    assert_eq!(dir.bad_pwd_count("pat"), Some(1));
+
+    // quin's PSO is unreadable: no bind, whatever the password.
+    let o = c.check(&cred("quin", "", "Right-Pass-2"), &budget()).await;
+    assert_eq!(cause(&o), Cause::CredLockoutGuard, "{o:?}");
+    assert!(o.findings[0]
+        .evidence
+        .contains(&("lockout_state".into(), "unreadable".into())));
+    assert_eq!(dir.bad_pwd_count("quin"), Some(0));
+}
