@@ -3,7 +3,8 @@
 #   - OpenLDAP slapd (with the ppolicy overlay) and ldap-utils (ldapadd, ldapwhoami):
 #     tests/tests/ldap.rs and the ldap_bench example;
 #   - FreeRDP's shadow server (freerdp2-shadow-x11: freerdp-shadow-cli), winpr-utils
-#     (winpr-hash, for its SAM file) and Xvfb: tests/tests/nla_shadow.rs.
+#     (winpr-hash, for its SAM file) and Xvfb: tests/tests/nla_shadow.rs, tests/tests/guard.rs;
+#   - PostgreSQL (initdb, pg_ctl, psql; the tests start their own clusters): tests/tests/store.rs.
 # Idempotent: installs nothing when every tool is present. Non-interactive; needs root (or sudo).
 set -euo pipefail
 
@@ -13,9 +14,11 @@ command -v ldapwhoami >/dev/null 2>&1 && command -v ldapadd >/dev/null 2>&1 || m
 command -v freerdp-shadow-cli >/dev/null 2>&1 || missing+=(freerdp2-shadow-x11)
 command -v winpr-hash >/dev/null 2>&1 || missing+=(winpr-utils)
 command -v Xvfb >/dev/null 2>&1 || missing+=(xvfb)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "install-test-deps: slapd, ldap-utils, freerdp-shadow-cli, winpr-hash and Xvfb already installed"
+    echo "install-test-deps: slapd, ldap-utils, freerdp-shadow-cli, winpr-hash, Xvfb and PostgreSQL already installed"
     exit 0
 fi
 
@@ -38,9 +41,13 @@ echo "install-test-deps: installing ${missing[*]}"
 $SUDO apt-get update
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 
-# A system slapd the package may have started is not needed.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet slapd 2>/dev/null; then
-    $SUDO systemctl stop slapd || true
+# A system slapd or PostgreSQL cluster the packages may have started is not needed.
+if command -v systemctl >/dev/null 2>&1; then
+    for unit in slapd postgresql; do
+        if systemctl is-active --quiet "$unit" 2>/dev/null; then
+            $SUDO systemctl stop "$unit" || true
+        fi
+    done
 fi
 
 for tool in /usr/sbin/slapd ldapwhoami ldapadd freerdp-shadow-cli winpr-hash Xvfb; do
@@ -49,4 +56,8 @@ for tool in /usr/sbin/slapd ldapwhoami ldapadd freerdp-shadow-cli winpr-hash Xvf
         exit 1
     fi
 done
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    echo "install-test-deps: PostgreSQL's initdb still missing after install" >&2
+    exit 1
+fi
 echo "install-test-deps: ready ($(/usr/sbin/slapd -VVV 2>&1 | head -n1 | tr -s ' '))"

@@ -62,19 +62,30 @@ struct NlaResult {
 }
 
 impl Checker {
-    /// Builds the prober (pin store) and the directory client from the config.
+    /// Builds the prober (pin store) and the directory client from the config, with the
+    /// in-process lockout guard (the store, when configured, is opened by [`Checker::open`]).
     pub fn new(cfg: Arc<Config>) -> Result<Checker, String> {
-        let prober = Prober::new(cfg.clone())?;
-        // With a directory, its guard settings; without one, the NLA stage's.
-        let limits = match &cfg.directory {
-            Some(d) => Limits::new(d.guard_window, d.guard_max_distinct_failures, d.success_cache_ttl),
-            None => Limits::new(
-                cfg.nla_guard_window,
-                cfg.nla_guard_max_distinct_failures,
-                Duration::ZERO,
-            ),
+        let guard = Arc::new(Guard::memory(guard_limits(&cfg), GUARD_CAPACITY));
+        Checker::with_guard(cfg, guard)
+    }
+
+    /// As [`Checker::new`]; with `[store]`, opens the store (connects, migrates) and puts the
+    /// lockout guard on it. Returns the store for health and metrics.
+    pub async fn open(cfg: Arc<Config>) -> Result<(Checker, Option<Arc<crate::store::Store>>), String> {
+        let Some(sc) = cfg.store.clone() else {
+            return Ok((Checker::new(cfg)?, None));
         };
-        let guard = Arc::new(Guard::memory(limits, GUARD_CAPACITY));
+        let store = crate::store::Store::open(sc).await?;
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, store.hmac_key());
+        let pg = crate::store::guard::PgGuardStore::new(store.clone(), guard_limits(&cfg));
+        let guard = Arc::new(Guard::new(key, Arc::new(pg)));
+        tracing::info!(store = %store.display(), "lockout guard on the shared store");
+        Ok((Checker::with_guard(cfg, guard)?, Some(store)))
+    }
+
+    /// A checker whose LDAP binds and NLA logons spend attempts through `guard`.
+    pub fn with_guard(cfg: Arc<Config>, guard: Arc<Guard>) -> Result<Checker, String> {
+        let prober = Prober::new(cfg.clone())?;
         let credential = cfg
             .directory
             .clone()
@@ -420,6 +431,18 @@ impl Checker {
             started_at,
             duration: budget.elapsed(),
         }
+    }
+}
+
+/// The guard's limits: with a directory, its settings; without one, the NLA stage's.
+fn guard_limits(cfg: &Config) -> Limits {
+    match &cfg.directory {
+        Some(d) => Limits::new(d.guard_window, d.guard_max_distinct_failures, d.success_cache_ttl),
+        None => Limits::new(
+            cfg.nla_guard_window,
+            cfg.nla_guard_max_distinct_failures,
+            Duration::ZERO,
+        ),
     }
 }
 

@@ -70,6 +70,22 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// The shared store: apply its schema migrations.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCommand {
+    /// Apply the schema migrations the database lacks (also done by `serve` at start; safe
+    /// when several replicas start at once).
+    Migrate {
+        /// The TOML config file naming `[store] url`.
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -173,6 +189,34 @@ pub fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { file },
         } => config_check(&file),
+        Command::Store {
+            command: StoreCommand::Migrate { config },
+        } => store_migrate(&config),
+    }
+}
+
+fn store_migrate(path: &std::path::Path) -> ExitCode {
+    let cfg = match Config::load(Some(path)) {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    init_tracing(&cfg);
+    let Some(sc) = cfg.store.clone() else {
+        return usage(format!("{}: no [store] url", path.display()));
+    };
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(c) => return c,
+    };
+    match rt.block_on(crate::store::Store::open(sc)) {
+        Ok(s) => {
+            println!("store {}: schema up to date", s.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rdp-preflight: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -371,7 +415,7 @@ fn check(args: CheckArgs) -> ExitCode {
         Err(c) => return c,
     };
     let report = rt.block_on(async {
-        let checker = Checker::new(cfg.clone())?;
+        let (checker, _store) = Checker::open(cfg.clone()).await?;
         Ok::<_, String>(checker.check(input).await)
     });
     let report = match report {

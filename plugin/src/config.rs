@@ -60,6 +60,8 @@ pub struct FileConfig {
     pub audit: crate::audit::AuditFile,
     /// `[admin]`: the metrics listener.
     pub admin: crate::metrics::AdminFile,
+    /// `[store]`: the shared store (PostgreSQL) that makes N replicas one plugin.
+    pub store: crate::store::StoreFile,
 }
 
 /// `[nla]`: the NLA stage, run after a clean TLS stage when the server selected HYBRID or
@@ -392,6 +394,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// Directory for credential pre-validation (`None`: no LDAP bind).
     pub directory: Option<crate::credential::DirectoryConfig>,
+    /// The shared store (`None`: single instance, memory and files).
+    pub store: Option<crate::store::StoreConfig>,
     /// The file mirror this was built from (for `config check`).
     pub file: FileConfig,
 }
@@ -654,6 +658,7 @@ impl FileConfig {
             audit: self.audit.validate().map_err(ConfigError)?,
             admin_listen: self.admin.validate().map_err(ConfigError)?,
             directory: self.directory.validate().map_err(ConfigError)?,
+            store: self.store.validate().map_err(ConfigError)?,
             file: self.clone(),
         })
     }

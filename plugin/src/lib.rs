@@ -18,6 +18,7 @@ pub mod probe;
 pub mod report;
 pub mod secret;
 pub mod service;
+pub mod store;
 
 use std::{future::Future, sync::Arc};
 
@@ -113,11 +114,34 @@ pub async fn serve_with_ready(
         }
         None => None,
     };
-    let checker = Arc::new(check::Checker::new(cfg).map_err(|e| format!("startup: {e}"))?);
-    let (router, reporter) = service::router(checker, audit.clone(), metrics).await?;
+    let (checker, store) = check::Checker::open(cfg).await.map_err(|e| format!("startup: {e}"))?;
+    if let Some(s) = &store {
+        metrics.set_store(s.clone());
+    }
+    let (router, reporter) = service::router(Arc::new(checker), audit.clone(), metrics).await?;
+    // Health follows the shared store: NOT_SERVING while it is down, SERVING when it is back.
+    let (stop_watch, watch_stopped) = tokio::sync::watch::channel(false);
+    let watcher = store.map(|s| {
+        let r = reporter.clone();
+        let mut rx = watch_stopped.clone();
+        tokio::spawn(s.watch(
+            std::time::Duration::from_secs(1),
+            move |up| {
+                let r = r.clone();
+                Box::pin(async move { service::set_health(&r, up).await })
+            },
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            },
+        ))
+    });
     ready(&bound.describe());
     let shutdown = async move {
         shutdown.await;
+        let _ = stop_watch.send(true);
+        if let Some(w) = watcher {
+            let _ = w.await;
+        }
         service::set_not_serving(&reporter).await;
         tracing::info!("shutting down: draining checks in flight");
     };

@@ -140,6 +140,8 @@ pub struct Metrics {
     audit_write: Histogram,
     audit_failures: AtomicU64,
     start_time: f64,
+    /// The shared store, when configured.
+    store: std::sync::OnceLock<Arc<crate::store::Store>>,
 }
 
 impl Default for Metrics {
@@ -176,7 +178,13 @@ impl Metrics {
             start_time: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
+            store: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Reports the shared store's health, round trips, errors and refused reservations.
+    pub fn set_store(&self, store: Arc<crate::store::Store>) {
+        let _ = self.store.set(store);
     }
 
     /// A check was admitted: in-flight gauge +1.
@@ -424,8 +432,53 @@ impl Metrics {
             "rdp_preflight_audit_write_failures_total {}",
             self.audit_failures.load(Ordering::Relaxed)
         );
+        if let Some(store) = self.store.get() {
+            render_store(&mut out, store);
+        }
         out
     }
+}
+
+fn render_store(out: &mut String, store: &crate::store::Store) {
+    let st = &store.stats;
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    header(
+        out,
+        "rdp_preflight_store_up",
+        "gauge",
+        "1 while the shared store answers its probe, 0 while it is unreachable (health NOT_SERVING).",
+    );
+    let _ = writeln!(out, "rdp_preflight_store_up {}", u8::from(store.healthy()));
+    header(
+        out,
+        "rdp_preflight_store_operation_seconds",
+        "summary",
+        "Round trips to the shared store (one statement or one short transaction), completed.",
+    );
+    let _ = writeln!(
+        out,
+        "rdp_preflight_store_operation_seconds_sum {}",
+        load(&st.op_nanos) as f64 / 1e9
+    );
+    let _ = writeln!(out, "rdp_preflight_store_operation_seconds_count {}", load(&st.ops));
+    header(
+        out,
+        "rdp_preflight_store_errors_total",
+        "counter",
+        "Store operations that failed or timed out (a reservation that fails is a refused attempt).",
+    );
+    let _ = writeln!(out, "rdp_preflight_store_errors_total {}", load(&st.errors));
+    header(
+        out,
+        "rdp_preflight_guard_reservations_refused_total",
+        "counter",
+        "Reservations the shared lockout guard refused because the account's budget is spent.",
+    );
+    let _ = writeln!(
+        out,
+        "rdp_preflight_guard_reservations_refused_total {}",
+        load(&st.refused)
+    );
 }
 
 /// Keeps the in-flight gauge right when a check is cancelled: see [`Metrics::track`].

@@ -553,9 +553,25 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Marks the service NOT_SERVING (at shutdown, before draining).
 pub async fn set_not_serving(reporter: &tonic_health::server::HealthReporter) {
+    set_health(reporter, false).await;
+}
+
+/// Marks the service (and the server as a whole, `""`) SERVING or NOT_SERVING: the shared
+/// store going down and coming back.
+pub async fn set_health(reporter: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
     reporter
-        .set_not_serving::<pb::preflight_server::PreflightServer<PreflightService>>()
+        .set_service_status(
+            <pb::preflight_server::PreflightServer<PreflightService> as tonic::server::NamedService>::NAME,
+            status,
+        )
         .await;
+    reporter.set_service_status("", status).await;
 }
 
 /// Re-exported so `check --json` can print the proto3 JSON form.

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests.
 
 pub mod plugin;
+pub mod postgres;
 pub mod shadow;
 pub mod slapd;
 

@@ -1164,9 +1164,24 @@ fn sample(key: &str, pem: &str, secret: &str, tmp: &Path) -> (String, Vec<(&'sta
         "directory.search_base" => ("dc=example,dc=test".into(), vec![]),
         "directory.default_policy_dn" => ("cn=default,ou=policies,dc=example,dc=test".into(), vec![]),
         "audit.dir" => ("/tmp/rdp-preflight-deploy-test-audit".into(), vec![]),
+        "store.url" => (
+            "postgres://preflight@127.0.0.1:5432/preflight".into(),
+            vec![("store.tls", "disable".into()), ("store.hmac_key_file", hmac_key(tmp))],
+        ),
+        "store.hmac_key_file" => (hmac_key(tmp), vec![]),
+        "store.password_file" => (secret.into(), vec![]),
+        "store.password_env" => ("DEPLOY_TEST_PASSWORD".into(), vec![]),
+        "store.ca_file" => (pem.into(), vec![]),
         "admin.listen" => ("127.0.0.1:9464".into(), vec![]),
         other => panic!("tests/tests/deploy.rs: add a sample value for {other} to sample()"),
     }
+}
+
+/// A guard key file (32 bytes or more) for the `[store]` samples.
+fn hmac_key(tmp: &Path) -> String {
+    let p = tmp.join("hmac.key");
+    std::fs::write(&p, "deploy-test-hmac-key-0123456789abcdef\n").expect("key");
+    p.to_string_lossy().into_owned()
 }
 
 /// `v` as an environment variable's text: lists comma-separated.

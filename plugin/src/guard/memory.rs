@@ -19,8 +19,9 @@ use std::{
 use tokio::{sync::Notify, time::Instant};
 
 use super::{
+    decide::{decide, FailureView, ProofView, View},
     AccountKey, AccountState, AttemptId, BoxFuture, GuardStore, Limits, Outcome, PasswordKey, Reserved, Scope,
-    StoreError, WaitReason,
+    StoreError,
 };
 use crate::report::Finding;
 
@@ -224,44 +225,28 @@ impl MemoryStore {
         let id = inner.next_id;
         let e = inner.map.entry(account).or_default();
         e.prune(now, &limits);
-        // A refusal of this password is remembered; an unjudged answer only for those that
-        // waited on it.
-        if let Some(f) = e
-            .failures
-            .iter()
-            .rev()
-            .find(|f| f.password == password && (f.judged || joined))
-        {
-            return Ok(Reserved::Remembered {
-                finding: f.finding.clone(),
-                age: now.duration_since(f.at),
-            });
-        }
-        if e.in_flight.iter().any(|f| f.password == password && f.scope == scope) {
-            return Ok(Reserved::Wait(WaitReason::SamePassword));
-        }
-        if let Some(p) = &e.proof {
-            let age = now.duration_since(p.at);
-            if p.password == password && p.scope == scope && (joined || age < limits.success_ttl) {
-                return Ok(Reserved::Proven {
-                    findings: p.findings.clone(),
-                    usable: p.usable,
-                    age,
-                });
-            }
-        }
-        let failures = e.failures.len() as u32;
-        let in_flight = e.in_flight.len() as u32;
-        if failures + in_flight >= limits.budget {
-            if failures < limits.budget && in_flight > 0 {
-                return Ok(Reserved::Wait(WaitReason::BudgetInFlight));
-            }
-            let oldest = e.failures.iter().map(|f| f.at).min().unwrap_or(now);
-            return Ok(Reserved::Refused {
-                failures,
-                in_flight,
-                retry_after: limits.window.saturating_sub(now.duration_since(oldest)),
-            });
+        let view = View {
+            failures: e
+                .failures
+                .iter()
+                .map(|f| FailureView {
+                    password: f.password,
+                    age: now.duration_since(f.at),
+                    finding: &f.finding,
+                    judged: f.judged,
+                })
+                .collect(),
+            in_flight: e.in_flight.iter().map(|f| (f.password, f.scope)).collect(),
+            proof: e.proof.as_ref().map(|p| ProofView {
+                password: p.password,
+                scope: p.scope,
+                age: now.duration_since(p.at),
+                findings: &p.findings,
+                usable: p.usable,
+            }),
+        };
+        if let Some(answer) = decide(&view, password, scope, joined, &limits) {
+            return Ok(answer);
         }
         e.in_flight.push(Flight {
             id,

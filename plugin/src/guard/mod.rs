@@ -24,6 +24,7 @@
 //! bounded; a shared store gives the same guarantees to many replicas. The HMAC key never
 //! leaves the [`Guard`]: a store sees only tags.
 
+pub(crate) mod decide;
 pub mod identity;
 mod memory;
 

@@ -1,0 +1,72 @@
+//! Versioned schema migrations, applied in order under a transaction-scoped advisory lock:
+//! replicas starting together apply each version once; a database migrated by a newer binary
+//! is refused rather than written with an older understanding of its schema.
+
+use deadpool_postgres::Client;
+
+/// Advisory lock id of the migration transaction (any constant; "rdpmigr" in ASCII).
+const LOCK_ID: i64 = 0x0072_6470_6d69_6772;
+
+/// (version, name, SQL), append only.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "lockout guard attempts",
+    "CREATE TABLE guard_attempt (
+         id           bigserial   PRIMARY KEY,
+         account      bytea       NOT NULL,          -- HMAC tag of the canonical account
+         password     bytea       NOT NULL,          -- HMAC tag of (account, password)
+         scope        bytea       NOT NULL,          -- directory, or HMAC tag of a target
+         state        smallint    NOT NULL,          -- 0 in flight, 1 refused, 2 unknown, 3 proven
+         reserved_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+         completed_at timestamptz,
+         findings     jsonb       NOT NULL DEFAULT '[]',
+         usable       boolean     NOT NULL DEFAULT false
+     );
+     CREATE INDEX guard_attempt_account ON guard_attempt (account);",
+)];
+
+/// Applies what is missing.
+pub(super) async fn apply(client: &mut Client) -> Result<(), String> {
+    let tx = client.transaction().await.map_err(|e| e.to_string())?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_ID])
+        .await
+        .map_err(|e| e.to_string())?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    integer     PRIMARY KEY,
+             name       text        NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let applied: Vec<i32> = tx
+        .query("SELECT version FROM schema_migrations ORDER BY version", &[])
+        .await
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+    if let Some(v) = applied.iter().find(|v| **v > newest) {
+        return Err(format!(
+            "the database has schema version {v}, newer than this binary's {newest}: upgrade the binary"
+        ));
+    }
+    for (version, name, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| format!("version {version} ({name}): {e}"))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        tracing::info!(version, name, "store: schema migration applied");
+    }
+    tx.commit().await.map_err(|e| e.to_string())
+}
