@@ -571,8 +571,21 @@ fn k8s_ports_probes_volumes_and_command_agree_with_the_config() {
     // Every mount is read-only except the state directory and /tmp.
     let env: BTreeMap<String, String> = v(&c["env"], "env")
         .iter()
-        .map(|e| (s(&e["name"], "env").to_owned(), s(&e["value"], "env").to_owned()))
+        .filter_map(|e| Some((s(&e["name"], "env").to_owned(), e["value"].as_str()?.to_owned())))
         .collect();
+    // The shared store's URL comes from a Secret, never from the manifest.
+    let store = v(&c["env"], "env")
+        .iter()
+        .find(|e| e["name"].as_str() == Some("RDP_PREFLIGHT_STORE__URL"))
+        .expect("RDP_PREFLIGHT_STORE__URL");
+    assert!(
+        store["value"].is_badvalue(),
+        "the store URL is not written in the manifest"
+    );
+    assert_eq!(
+        store["valueFrom"]["secretKeyRef"]["name"].as_str(),
+        Some("rdp-preflight-store")
+    );
     let state_dir = env
         .get("STATE_DIRECTORY")
         .expect("STATE_DIRECTORY for pin_store = \"auto\"");

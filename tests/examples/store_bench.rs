@@ -1,0 +1,205 @@
+//! What the shared store costs, measured in one run against a real PostgreSQL (a fresh cluster
+//! on loopback, started here) and gateway-sim's simulated AD over LDAPS:
+//!
+//! - one reservation + completion of the lockout guard, in process and on PostgreSQL;
+//! - credential checks (a bind with the right password) per second and p50/p99 latency, with
+//!   the in-process guard and with the guard on PostgreSQL, at concurrency 1 and 8.
+//!
+//! `cargo run --release -p integration-tests --example store_bench [-- N]`
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use gateway_sim::{
+    directory::{start_directory, DirectoryOptions},
+    scenario::Account,
+};
+use integration_tests::{cred, postgres::Postgres};
+use rdp_preflight::{
+    credential::{CredentialChecker, DirectoryFile},
+    deadline::Budget,
+    guard::{identity::Domains, Admission, Guard, Limits, Outcome, Scope},
+    secret::Password,
+    store::{guard::PgGuardStore, Store, StoreFile},
+};
+
+struct Row {
+    name: String,
+    n: usize,
+    wall: Duration,
+    lat: Vec<Duration>,
+}
+
+impl Row {
+    fn pct(&self, p: f64) -> f64 {
+        let mut v = self.lat.clone();
+        v.sort();
+        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+        v.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    }
+
+    fn print(&self) {
+        println!(
+            "{:<44} {:>7} {:>10.0} {:>9.3} {:>9.3}",
+            self.name,
+            self.n,
+            self.n as f64 / self.wall.as_secs_f64(),
+            self.pct(0.5),
+            self.pct(0.99)
+        );
+    }
+}
+
+fn budget() -> Budget {
+    Budget::new(Duration::from_secs(10))
+}
+
+/// Sequential reservations + completions (proofs) over `accounts` distinct accounts.
+async fn reservations(name: &str, g: &Guard, n: usize) -> Row {
+    let password = Password::new("Bench-Pass-1".into());
+    let start = Instant::now();
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let a = g.account(&format!("bench-{i}@example.test"));
+        let t0 = Instant::now();
+        match g.admit(a, &password, Scope::DIRECTORY, &budget()).await {
+            Admission::Go(mut t) => {
+                t.sending();
+                t.finish(Outcome::Proven {
+                    findings: vec![],
+                    usable: true,
+                })
+                .await;
+            }
+            other => panic!("{other:?}"),
+        }
+        lat.push(t0.elapsed());
+    }
+    Row {
+        name: name.into(),
+        n,
+        wall: start.elapsed(),
+        lat,
+    }
+}
+
+async fn checks(name: &str, c: Arc<CredentialChecker>, n: usize, concurrency: usize) -> Row {
+    // Warm-up: fills the LDAP pool (and the database pool).
+    for _ in 0..concurrency {
+        let o = c.check(&cred("bench", "EXAMPLE", "Bench-Pass-1"), &budget()).await;
+        assert!(o.bind_succeeded, "{o:?}");
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let c = c.clone();
+        let per = n / concurrency;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per);
+            for _ in 0..per {
+                let t = Instant::now();
+                let o = c.check(&cred("bench", "EXAMPLE", "Bench-Pass-1"), &budget()).await;
+                assert!(o.bind_succeeded, "{o:?}");
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("task"));
+    }
+    Row {
+        name: name.into(),
+        n: lat.len(),
+        wall: start.elapsed(),
+        lat,
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2000);
+    let pg = Postgres::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let key = tmp.path().join("guard.key");
+    std::fs::write(&key, "store-bench-key-0123456789abcdef0123456789\n").expect("key");
+    let store_cfg = StoreFile {
+        url: Some(pg.url()),
+        tls: "disable".into(),
+        hmac_key_file: Some(key),
+        ..Default::default()
+    }
+    .validate()
+    .expect("valid")
+    .expect("store");
+    let store = Store::open(store_cfg).await.expect("store");
+    let limits = Limits::new(Duration::from_secs(900), 1, Duration::ZERO);
+    let pg_guard = || {
+        Arc::new(Guard::new(
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, store.hmac_key()),
+            Arc::new(PgGuardStore::new(store.clone(), limits)),
+        ))
+    };
+
+    let dir = start_directory(
+        &[Account {
+            name: "bench".into(),
+            password: "Bench-Pass-1".into(),
+            state: "good".into(),
+            domain: None,
+        }],
+        DirectoryOptions::default(),
+    )
+    .await
+    .expect("directory");
+    let ca = tmp.path().join("dir-ca.pem");
+    std::fs::write(&ca, dir.ca_pem()).expect("ca");
+    let cfg = DirectoryFile {
+        servers: vec![dir.ldaps_url()],
+        ca_file: Some(ca),
+        bind_as: "upn".into(),
+        pool_size: 8,
+        ..Default::default()
+    }
+    .validate()
+    .expect("valid")
+    .expect("servers");
+    let memory = || Arc::new(CredentialChecker::standalone(cfg.clone(), Domains::default()));
+    let shared = || Arc::new(CredentialChecker::new(cfg.clone(), pg_guard(), Domains::default()));
+
+    println!("{:<44} {:>7} {:>10} {:>9} {:>9}", "", "n", "per s", "p50 ms", "p99 ms");
+    let mem_guard = Guard::memory(limits, 100_000);
+    reservations("guard: reserve + complete, in process", &mem_guard, n)
+        .await
+        .print();
+    reservations("guard: reserve + complete, PostgreSQL", &pg_guard(), n)
+        .await
+        .print();
+    for concurrency in [1, 8] {
+        checks(
+            &format!("bind check, in-process guard, c={concurrency}"),
+            memory(),
+            n,
+            concurrency,
+        )
+        .await
+        .print();
+        checks(
+            &format!("bind check, PostgreSQL guard, c={concurrency}"),
+            shared(),
+            n,
+            concurrency,
+        )
+        .await
+        .print();
+    }
+    let ops = store.stats.ops.load(std::sync::atomic::Ordering::Relaxed);
+    let nanos = store.stats.op_nanos.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "store: {ops} transactions, mean {:.3} ms each (two per attempt: reserve, complete)",
+        nanos as f64 / 1e6 / ops.max(1) as f64
+    );
+}
