@@ -658,7 +658,13 @@ impl FileConfig {
             audit: self.audit.validate().map_err(ConfigError)?,
             admin_listen: self.admin.validate().map_err(ConfigError)?,
             directory: self.directory.validate().map_err(ConfigError)?,
-            store: self.store.validate().map_err(ConfigError)?,
+            store: {
+                let store = self.store.validate().map_err(ConfigError)?;
+                if self.audit.backend == "store" && store.is_none() {
+                    return Err(err("audit.backend", "\"store\" needs [store] url"));
+                }
+                store
+            },
             file: self.clone(),
         })
     }

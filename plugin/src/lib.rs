@@ -90,14 +90,6 @@ pub async fn serve_with_ready(
     shutdown: impl Future<Output = ()> + Send,
     ready: impl FnOnce(&str),
 ) -> Result<(), String> {
-    let audit = match &cfg.audit {
-        Some(a) => Some(
-            audit::AuditLog::open(a.clone())
-                .await
-                .map_err(|e| format!("audit log: {e}"))?,
-        ),
-        None => None,
-    };
     let metrics = Arc::new(metrics::Metrics::new());
     let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
     let admin = match cfg.admin_listen {
@@ -114,7 +106,21 @@ pub async fn serve_with_ready(
         }
         None => None,
     };
-    let (checker, store) = check::Checker::open(cfg).await.map_err(|e| format!("startup: {e}"))?;
+    let (checker, store) = check::Checker::open(cfg.clone())
+        .await
+        .map_err(|e| format!("startup: {e}"))?;
+    let audit = match (&cfg.audit, &store) {
+        (Some(a), Some(s)) if a.backend == audit::Backend::Store => {
+            tracing::info!(store = %s.display(), "audit log in the shared store");
+            Some(audit::AuditLog::open_store(a.clone(), s.clone()))
+        }
+        (Some(a), _) => Some(
+            audit::AuditLog::open(a.clone())
+                .await
+                .map_err(|e| format!("audit log: {e}"))?,
+        ),
+        (None, _) => None,
+    };
     if let Some(s) = &store {
         metrics.set_store(s.clone());
     }

@@ -157,7 +157,7 @@ async fn the_postgres_guard_store_behaves_like_the_memory_one() {
         "{dump}"
     );
     // Migrations were applied once, whoever opened the store.
-    assert_eq!(pg.psql("SELECT count(*) FROM schema_migrations").trim(), "1");
+    assert_eq!(pg.psql("SELECT count(*) FROM schema_migrations").trim(), "2");
 }
 
 fn replica_config(dir: &Path, name: &str, f: &FileConfig) -> PathBuf {
@@ -221,7 +221,7 @@ async fn three_replicas_share_one_lockout_budget() {
         let hs: Vec<_> = paths.iter().map(|p| sc.spawn(|| serve_binary(p, &[]))).collect();
         hs.into_iter().map(|h| h.join().expect("replica starts")).collect()
     });
-    assert_eq!(pg.psql("SELECT count(*) FROM schema_migrations").trim(), "1");
+    assert_eq!(pg.psql("SELECT count(*) FROM schema_migrations").trim(), "2");
     let port = refused_port();
     let mut tasks = Vec::new();
     for i in 0..24 {
@@ -406,4 +406,107 @@ fn store_config_errors_name_the_key() {
     })
     .starts_with("store.hmac_key_file"));
     assert!(StoreFile::default().validate().expect("unset is fine").is_none());
+}
+
+fn audit_cli(config: &Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(integration_tests::plugin::plugin_bin())
+        .arg("audit")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run audit");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// `[audit] backend = "store"`: two replicas write DENYs to one chain in PostgreSQL; one is
+/// killed with SIGKILL under load. Every DENY a client received is in the store and `audit
+/// verify` passes; an UPDATE and DELETEs made with psql make it fail, naming the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_audit_log_in_the_store_survives_sigkill_and_shows_edits() {
+    let pg = Postgres::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut f = FileConfig::default();
+    f.policy.allow_loopback = true;
+    f.cert.pin_store = "memory".into();
+    f.log.level = "warn".into();
+    f.audit.backend = "store".into();
+    f.store = store_file(&pg, tmp.path());
+    let config = replica_config(tmp.path(), "audit", &f);
+    let mut replicas = vec![serve_binary(&config, &[]), serve_binary(&config, &[])];
+    let endpoints: Vec<String> = replicas.iter().map(Served::endpoint).collect();
+    let port = refused_port();
+    let denied = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..8 {
+        let (endpoint, denied, stop) = (endpoints[w % 2].clone(), denied.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut c = client(&endpoint).await;
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                i += 1;
+                let id = format!("audit-{w}-{i}");
+                let mut req = request(id.clone(), port, "", "");
+                req.credential = None;
+                match c.check(req).await {
+                    Ok(r) if r.get_ref().verdict() == pb::Verdict::Deny => {
+                        denied.lock().expect("lock").push(id);
+                    }
+                    Ok(_) => panic!("a refused port is a DENY"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    replicas[0].child.kill().expect("SIGKILL"); // std's kill is SIGKILL on Unix
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for w in workers {
+        w.await.expect("worker");
+    }
+    drop(replicas);
+    let denied = denied.lock().expect("lock").clone();
+    assert!(denied.len() > 20, "only {} DENYs under load", denied.len());
+
+    let (ok, text) = audit_cli(&config, &["verify"]);
+    assert!(ok && text.contains("chain intact"), "{text}");
+    let (ok, listed) = audit_cli(&config, &["list", "--json"]);
+    assert!(ok, "{listed}");
+    for id in &denied {
+        assert!(
+            listed.contains(&format!("\"{id}\"")),
+            "DENY {id} answered but not in the store"
+        );
+    }
+    let (ok, summary) = audit_cli(&config, &["summary"]);
+    assert!(ok && summary.contains("TCP_REFUSED"), "{summary}");
+
+    // An UPDATE of record 3 is named.
+    pg.psql("UPDATE audit_record SET line = replace(line, 'TCP_REFUSED', 'TCP_TIMEOUT') WHERE seq = 3");
+    let (ok, text) = audit_cli(&config, &["verify"]);
+    assert!(!ok && text.contains("seq 3") && text.contains("edited"), "{text}");
+    pg.psql("UPDATE audit_record SET line = replace(line, 'TCP_TIMEOUT', 'TCP_REFUSED') WHERE seq = 3");
+    assert!(audit_cli(&config, &["verify"]).0, "restored");
+    // A DELETE of the tail is named by the signed head.
+    let last: i64 = pg
+        .psql("SELECT max(seq) FROM audit_record")
+        .trim()
+        .parse()
+        .expect("seq");
+    pg.psql(&format!("DELETE FROM audit_record WHERE seq = {last}"));
+    let (ok, text) = audit_cli(&config, &["verify"]);
+    assert!(!ok && text.contains(&format!("{last}..={last} were deleted")), "{text}");
+    // A DELETE in the middle is a gap.
+    pg.psql("DELETE FROM audit_record WHERE seq = 5");
+    let (ok, text) = audit_cli(&config, &["verify"]);
+    assert!(!ok && text.contains("seq gap"), "{text}");
+    // Moving the head back by hand breaks its signature.
+    pg.psql("UPDATE audit_head SET seq = seq - 1");
+    let (ok, text) = audit_cli(&config, &["verify"]);
+    assert!(!ok && text.contains("signature"), "{text}");
 }

@@ -10,6 +10,8 @@ use std::{
     time::Duration,
 };
 
+use std::os::unix::fs::DirBuilderExt;
+
 use clap::{Args, Subcommand};
 
 use super::{
@@ -142,9 +144,9 @@ pub fn execute(cmd: AuditCommand, out: &mut dyn Write) -> Result<bool, CliError>
             verdict,
             json,
         } => {
-            let dir = resolve_dir(&source)?;
+            let src = resolve(&source)?;
             let filter = Filter::new(since.as_deref(), cause.as_deref(), target, account, verdict, now())?;
-            let entries = chain::read_dir(&dir, |r| filter.matches(r)).map_err(io_err)?;
+            let entries = chain::read_dir(src.dir(), |r| filter.matches(r)).map_err(io_err)?;
             if json {
                 for e in &entries {
                     writeln!(out, "{}", e.line).map_err(io_err)?;
@@ -156,9 +158,9 @@ pub fn execute(cmd: AuditCommand, out: &mut dyn Write) -> Result<bool, CliError>
             Ok(true)
         }
         AuditCommand::Summary { source, since, top } => {
-            let dir = resolve_dir(&source)?;
+            let src = resolve(&source)?;
             let filter = Filter::new(since.as_deref(), None, None, None, None, now())?;
-            let entries = chain::read_dir(&dir, |r| filter.matches(r)).map_err(io_err)?;
+            let entries = chain::read_dir(src.dir(), |r| filter.matches(r)).map_err(io_err)?;
             let records: Vec<&AuditRecord> = entries.iter().map(|e| &e.record).collect();
             out.write_all(summary(&records, since.as_deref(), top).as_bytes())
                 .map_err(io_err)?;
@@ -169,11 +171,18 @@ pub fn execute(cmd: AuditCommand, out: &mut dyn Write) -> Result<bool, CliError>
             allow_pruned,
             anchors,
         } => {
-            let dir = resolve_dir(&source)?;
+            let src = resolve(&source)?;
             let anchors = anchors.iter().map(|a| parse_anchor(a)).collect::<Result<Vec<_>, _>>()?;
-            let outcome = chain::verify_dir(&dir, VerifyOptions { allow_pruned, anchors }).map_err(io_err)?;
-            write_verify(out, &dir, &outcome).map_err(io_err)?;
-            Ok(outcome.ok())
+            let outcome = chain::verify_dir(src.dir(), VerifyOptions { allow_pruned, anchors }).map_err(io_err)?;
+            let head = match &src {
+                Resolved::Store(s) => s.head_problem.clone(),
+                Resolved::Dir(_) => None,
+            };
+            if let Some(h) = &head {
+                writeln!(out, "BROKEN: {h}").map_err(io_err)?;
+            }
+            write_verify(out, src.label(), &outcome).map_err(io_err)?;
+            Ok(outcome.ok() && head.is_none())
         }
         AuditCommand::Tail {
             source,
@@ -181,14 +190,17 @@ pub fn execute(cmd: AuditCommand, out: &mut dyn Write) -> Result<bool, CliError>
             follow,
             json,
         } => {
-            let dir = resolve_dir(&source)?;
-            let mut f = Follower::new(&dir);
+            let mut src = resolve(&source)?;
+            let mut f = Follower::new(src.dir());
             let entries = f.last(n).map_err(io_err)?;
             print_rows(out, &entries, json).map_err(io_err)?;
             out.flush().map_err(io_err)?;
             if follow {
                 loop {
                     std::thread::sleep(Duration::from_millis(500));
+                    if let Resolved::Store(s) = &mut src {
+                        s.fetch()?;
+                    }
                     let new = f.poll().map_err(io_err)?;
                     print_rows(out, &new, json).map_err(io_err)?;
                     out.flush().map_err(io_err)?;
@@ -203,6 +215,142 @@ fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The audit log in the shared store, copied into a private temporary directory as the files
+/// would hold it, so that every command reads and verifies it with the same code; removed on
+/// drop. `audit verify` also checks the store's signed head.
+struct FromStore {
+    dir: PathBuf,
+    label: PathBuf,
+    store: std::sync::Arc<crate::store::Store>,
+    rt: tokio::runtime::Runtime,
+    head_problem: Option<String>,
+    last_seq: i64,
+}
+
+impl FromStore {
+    fn open(cfg: &crate::config::Config) -> Result<FromStore, CliError> {
+        let Some(sc) = cfg.store.clone() else {
+            return Err(CliError::Usage("audit.backend = \"store\" but no [store] url".into()));
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io_err)?;
+        let store = rt.block_on(crate::store::Store::connect(sc)).map_err(CliError::Io)?;
+        let dir = std::env::temp_dir().join(format!("rdp-preflight-audit-{}", ulid::Ulid::new()));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(io_err)?;
+        let label = PathBuf::from(format!("store {}", store.display()));
+        let mut me = FromStore {
+            dir,
+            label,
+            store,
+            rt,
+            head_problem: None,
+            last_seq: 0,
+        };
+        me.fetch()?;
+        Ok(me)
+    }
+
+    /// Appends the records after the last one fetched; checks the head against the last record.
+    fn fetch(&mut self) -> Result<usize, CliError> {
+        let (rows, head) = self
+            .rt
+            .block_on(crate::store::audit::read(&self.store, self.last_seq + 1))
+            .map_err(CliError::Io)?;
+        if let Some((first, _)) = rows.first() {
+            let name = match chain::list_files(&self.dir).map_err(io_err)?.last() {
+                Some((_, p)) => p.clone(),
+                None => self.dir.join(chain::file_name(u64::try_from(*first).unwrap_or(1))),
+            };
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&name)
+                .map_err(io_err)?;
+            let mut buf = String::new();
+            for (_, line) in &rows {
+                buf.push_str(line);
+                buf.push('\n');
+            }
+            f.write_all(buf.as_bytes()).map_err(io_err)?;
+        }
+        if let Some((seq, _)) = rows.last() {
+            self.last_seq = *seq;
+        }
+        let last = rows.last().map(|(_, l)| {
+            let seq = serde_json::from_str::<AuditRecord>(l).map_or(0, |r| r.seq);
+            (seq, chain::line_hash(l.as_bytes()))
+        });
+        let last = last.or_else(|| self.last_line());
+        self.head_problem = crate::store::audit::check_head(
+            self.store.hmac_key(),
+            &head,
+            last.as_ref().map(|(s, h)| (*s, h.as_str())),
+        );
+        Ok(rows.len())
+    }
+
+    /// The last line already copied (seq, hash).
+    fn last_line(&self) -> Option<(u64, String)> {
+        let (_, p) = chain::list_files(&self.dir).ok()?.pop()?;
+        let text = std::fs::read_to_string(p).ok()?;
+        let l = text.lines().last()?;
+        let seq = serde_json::from_str::<AuditRecord>(l).ok()?.seq;
+        Some((seq, chain::line_hash(l.as_bytes())))
+    }
+}
+
+impl Drop for FromStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Where the records are read from.
+enum Resolved {
+    Dir(PathBuf),
+    Store(Box<FromStore>),
+}
+
+impl Resolved {
+    fn dir(&self) -> &Path {
+        match self {
+            Resolved::Dir(d) => d,
+            Resolved::Store(s) => &s.dir,
+        }
+    }
+
+    fn label(&self) -> &Path {
+        match self {
+            Resolved::Dir(d) => d,
+            Resolved::Store(s) => &s.label,
+        }
+    }
+}
+
+/// `--dir`, else `RDP_PREFLIGHT_AUDIT__DIR`, else `--config`: its `[audit] dir`, or the shared
+/// store when it says `[audit] backend = "store"`.
+fn resolve(source: &Source) -> Result<Resolved, CliError> {
+    if let Some(path) = source.config.as_ref().filter(|_| source.dir.is_none()) {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| CliError::Usage(format!("--config {}: {e}", path.display())))?;
+        let v: toml::Table =
+            toml::from_str(&text).map_err(|e| CliError::Usage(format!("--config {}: {e}", path.display())))?;
+        let store_backend = v
+            .get("audit")
+            .and_then(|a| a.get("backend"))
+            .and_then(toml::Value::as_str)
+            == Some("store");
+        if store_backend {
+            let cfg = crate::config::Config::load(Some(path))
+                .map_err(|e| CliError::Usage(format!("--config {}: {e}", path.display())))?;
+            return Ok(Resolved::Store(Box::new(FromStore::open(&cfg)?)));
+        }
+    }
+    resolve_dir(source).map(Resolved::Dir)
 }
 
 /// The audit directory: `--dir`, else `RDP_PREFLIGHT_AUDIT__DIR`, else `[audit] dir` of

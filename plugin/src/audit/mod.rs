@@ -39,6 +39,9 @@ use crate::report::Verdict;
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditFile {
+    /// Where records go: `files` (default: `dir`) or `store` (the shared store's
+    /// `audit_record` table; needs `[store] url`).
+    pub backend: String,
     /// Directory of the audit files (default none: no audit log).
     pub dir: Option<PathBuf>,
     /// Record every check, not only DENY (default false).
@@ -56,6 +59,7 @@ pub struct AuditFile {
 impl Default for AuditFile {
     fn default() -> Self {
         AuditFile {
+            backend: "files".into(),
             dir: None,
             all_checks: false,
             max_file_bytes: 64 * 1024 * 1024,
@@ -70,8 +74,16 @@ impl AuditFile {
     /// Validates into an [`AuditConfig`] (`None` when no directory is configured); errors
     /// name the key.
     pub fn validate(&self) -> Result<Option<AuditConfig>, String> {
-        let Some(dir) = &self.dir else {
-            return Ok(None);
+        let backend = match self.backend.as_str() {
+            "files" => Backend::Files,
+            "store" => Backend::Store,
+            other => return Err(format!("audit.backend: {other:?}: use \"files\" or \"store\"")),
+        };
+        let store_dir = PathBuf::from("store");
+        let dir = match (&self.dir, backend) {
+            (_, Backend::Store) => &store_dir,
+            (Some(d), Backend::Files) => d,
+            (None, Backend::Files) => return Ok(None),
         };
         if dir.as_os_str().is_empty() {
             return Err("audit.dir: empty path (leave the key out to disable the audit log)".into());
@@ -86,6 +98,7 @@ impl AuditFile {
             return Err("audit.group_commit_max: must be between 1 and 65536".into());
         }
         Ok(Some(AuditConfig {
+            backend,
             dir: dir.clone(),
             all_checks: self.all_checks,
             max_file_bytes: self.max_file_bytes,
@@ -98,9 +111,20 @@ impl AuditFile {
     }
 }
 
+/// Where the records go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Hash-chained files in `dir`, written by one thread with group commit and fsync.
+    Files,
+    /// The shared store (one chain for the cluster, a signed head).
+    Store,
+}
+
 /// Validated `[audit]`.
 #[derive(Clone)]
 pub struct AuditConfig {
+    /// Files or the shared store.
+    pub backend: Backend,
     /// Directory of the audit files (created, mode 0750, when missing).
     pub dir: PathBuf,
     /// Record every check, not only DENY.
@@ -142,6 +166,7 @@ impl AuditConfig {
             Ok(Some(c)) => c,
             // The defaults are valid for any non-empty path; an empty one gets the current dir.
             _ => AuditConfig {
+                backend: Backend::Files,
                 dir: PathBuf::from("."),
                 all_checks: false,
                 max_file_bytes: 64 * 1024 * 1024,
@@ -188,6 +213,9 @@ pub enum AuditError {
     /// The writer stopped (shutdown, or it could not start).
     #[error("audit log closed")]
     Closed,
+    /// The shared store did not commit the batch (unreachable, slow, failed).
+    #[error("audit log in the store: {0}")]
+    Store(String),
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> AuditError + 'a {
@@ -296,6 +324,65 @@ impl AuditLog {
                 stats,
             }),
         })
+    }
+
+    /// An audit log in the shared store: a task takes batches of queued records (up to
+    /// `group_commit_max`) and commits each in one transaction before acknowledging them.
+    pub fn open_store(cfg: AuditConfig, store: Arc<crate::store::Store>) -> AuditLog {
+        let (tx, mut rx) = mpsc::channel::<Msg>(cfg.group_commit_max.saturating_mul(4).max(64));
+        let stats = Arc::new(AuditStats::default());
+        let task_stats = stats.clone();
+        let max = cfg.group_commit_max;
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch: Vec<(Box<AuditRecord>, Ack)> = Vec::new();
+                let mut closing = None;
+                let mut next = Some(first);
+                while let Some(m) = next.take() {
+                    match m {
+                        Msg::Record(r, ack) => batch.push((r, ack)),
+                        Msg::Close(done) => closing = Some(done),
+                    }
+                    if batch.len() < max && closing.is_none() {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if !batch.is_empty() {
+                    let records = batch.iter().map(|(r, _)| (**r).clone()).collect();
+                    match crate::store::audit::append(&store, records).await {
+                        Ok(receipts) => {
+                            task_stats.batches.fetch_add(1, Ordering::SeqCst);
+                            task_stats.records.fetch_add(receipts.len() as u64, Ordering::SeqCst);
+                            if let Some(last) = receipts.last() {
+                                task_stats.durable_seq.store(last.seq, Ordering::SeqCst);
+                                tracing::info!(audit_seq = last.seq, audit_hash = %last.hash, "audit records committed to the store");
+                            }
+                            for ((_, ack), r) in batch.into_iter().zip(receipts) {
+                                let _ = ack.send(Ok(r));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "audit write to the store failed");
+                            for (_, ack) in batch {
+                                let _ = ack.send(Err(AuditError::Store(e.clone())));
+                            }
+                        }
+                    }
+                }
+                if let Some(done) = closing {
+                    let _ = done.send(());
+                    return;
+                }
+            }
+        });
+        AuditLog {
+            inner: Arc::new(Inner {
+                tx,
+                all_checks: cfg.all_checks,
+                dir: cfg.dir,
+                stats,
+            }),
+        }
     }
 
     /// True when a check with this verdict must be recorded.

@@ -44,6 +44,9 @@ const PROVEN: i16 = 3;
 pub struct PgGuardStore {
     store: Arc<Store>,
     limits: Limits,
+    /// Wakes this replica's waiters at once when one of its attempts completes; waiters for
+    /// another replica's attempt poll.
+    local: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for PgGuardStore {
@@ -58,7 +61,11 @@ impl std::fmt::Debug for PgGuardStore {
 impl PgGuardStore {
     /// A guard store on `store` with these limits (the same on every replica).
     pub fn new(store: Arc<Store>, limits: Limits) -> Self {
-        PgGuardStore { store, limits }
+        PgGuardStore {
+            store,
+            limits,
+            local: tokio::sync::Notify::new(),
+        }
     }
 }
 
@@ -262,7 +269,8 @@ impl GuardStore for PgGuardStore {
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             let id = i64::try_from(attempt).unwrap_or(i64::MAX);
-            self.store
+            let r = self
+                .store
                 .with(move |c| {
                     Box::pin(async move {
                         let tx = c.transaction().await?;
@@ -315,7 +323,9 @@ impl GuardStore for PgGuardStore {
                     })
                 })
                 .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))
+                .map_err(|e| StoreError::Unavailable(e.to_string()));
+            self.local.notify_waiters();
+            r
         })
     }
 
@@ -363,7 +373,9 @@ impl GuardStore for PgGuardStore {
     }
 
     fn changed(&self) -> BoxFuture<'_, ()> {
-        Box::pin(tokio::time::sleep(POLL))
+        Box::pin(async move {
+            let _ = tokio::time::timeout(POLL, self.local.notified()).await;
+        })
     }
 
     fn limits(&self) -> Limits {

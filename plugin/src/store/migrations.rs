@@ -8,10 +8,11 @@ use deadpool_postgres::Client;
 const LOCK_ID: i64 = 0x0072_6470_6d69_6772;
 
 /// (version, name, SQL), append only.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "lockout guard attempts",
-    "CREATE TABLE guard_attempt (
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "lockout guard attempts",
+        "CREATE TABLE guard_attempt (
          id           bigserial   PRIMARY KEY,
          account      bytea       NOT NULL,          -- HMAC tag of the canonical account
          password     bytea       NOT NULL,          -- HMAC tag of (account, password)
@@ -23,7 +24,24 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[(
          usable       boolean     NOT NULL DEFAULT false
      );
      CREATE INDEX guard_attempt_account ON guard_attempt (account);",
-)];
+    ),
+    (
+        2,
+        "audit records and their signed head",
+        "CREATE TABLE audit_record (
+         seq        bigint      PRIMARY KEY,
+         line       text        NOT NULL,           -- the JSON line, exactly as hashed
+         written_at timestamptz NOT NULL DEFAULT now()
+     );
+     CREATE TABLE audit_head (
+         id   smallint PRIMARY KEY CHECK (id = 1),
+         seq  bigint   NOT NULL,                    -- the last record's seq (0: none yet)
+         hash text     NOT NULL,                    -- the SHA-256 of its line
+         mac  text     NOT NULL                     -- HMAC of seq:hash with the key outside
+     );
+     INSERT INTO audit_head VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000', '');",
+    ),
+];
 
 /// Applies what is missing.
 pub(super) async fn apply(client: &mut Client) -> Result<(), String> {

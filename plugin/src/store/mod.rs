@@ -13,6 +13,7 @@
 //! - [`Store::healthy`] is kept by a probe task: health reports NOT_SERVING while the database
 //!   is unreachable and SERVING again by itself when it is back.
 
+pub mod audit;
 pub mod guard;
 mod migrations;
 
@@ -267,6 +268,14 @@ impl Store {
     /// Builds the pool (connections are made lazily), then connects once and applies the
     /// migrations; an error names what failed.
     pub async fn open(cfg: StoreConfig) -> Result<Arc<Store>, String> {
+        let store = Store::connect(cfg).await?;
+        store.migrate().await?;
+        store.healthy.store(true, Ordering::Relaxed);
+        Ok(store)
+    }
+
+    /// Builds the pool without migrating (readers such as `audit verify`).
+    pub async fn connect(cfg: StoreConfig) -> Result<Arc<Store>, String> {
         let mgr_cfg = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
@@ -286,15 +295,12 @@ impl Store {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| format!("store {}: {e}", cfg.display))?;
-        let store = Arc::new(Store {
+        Ok(Arc::new(Store {
             pool,
             cfg,
             healthy: AtomicBool::new(false),
             stats: StoreStats::default(),
-        });
-        store.migrate().await?;
-        store.healthy.store(true, Ordering::Relaxed);
-        Ok(store)
+        }))
     }
 
     /// Where it points (no password).
