@@ -314,6 +314,12 @@ async fn a_store_outage_fails_closed_and_health_follows() {
     f.store.statement_timeout_ms = 500;
     let served = serve_binary(&replica_config(tmp.path(), "one", &f), &[]);
     let endpoint = served.endpoint();
+    // A second replica records its DENYs in the store.
+    let mut fa = f.clone();
+    fa.audit.backend = "store".into();
+    let audit_config = replica_config(tmp.path(), "audited", &fa);
+    let audited = serve_binary(&audit_config, &[]);
+    let mut ca = client(&audited.endpoint()).await;
     let port = refused_port();
     wait_health(&endpoint, ServingStatus::Serving).await;
     let mut c = client(&endpoint).await;
@@ -354,6 +360,16 @@ async fn a_store_outage_fails_closed_and_health_follows() {
     }
     assert_eq!(dir.bind_count(), binds, "no bind without a reservation");
     wait_health(&endpoint, ServingStatus::NotServing).await;
+    // A DENY that cannot be recorded is never answered as if it were: the gateway gets an error.
+    for i in 0..3 {
+        let mut req = request(format!("unrecorded-{i}"), port, "", "");
+        req.credential = None;
+        let st = ca
+            .check(req)
+            .await
+            .expect_err("a DENY the store cannot record is an error");
+        assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}");
+    }
 
     pg.restart();
     pg.wait_ready();
@@ -365,6 +381,15 @@ async fn a_store_outage_fails_closed_and_health_follows() {
         .into_inner();
     assert_eq!(credential_cause(&r), Some(pb::Cause::CredInvalid), "{:?}", r.findings);
     assert_eq!(dir.bind_count(), binds + 1);
+    // The audited replica records again, and none of the refused answers is in the store.
+    let mut req = request("recorded-after".into(), port, "", "");
+    req.credential = None;
+    let r = ca.check(req).await.expect("recorded").into_inner();
+    assert_eq!(r.verdict(), pb::Verdict::Deny);
+    let (ok, listed) = audit_cli(&audit_config, &["list", "--json"]);
+    assert!(ok && listed.contains("\"recorded-after\""), "{listed}");
+    assert!(!listed.contains("unrecorded-"), "{listed}");
+    assert!(audit_cli(&audit_config, &["verify"]).0);
 }
 
 /// Config errors name the key; `disable` is refused towards a non-loopback address.
