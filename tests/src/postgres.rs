@@ -16,6 +16,8 @@ pub struct Postgres {
     bin: PathBuf,
     /// The port on 127.0.0.1.
     pub port: u16,
+    /// With TLS: the CA's PEM file.
+    pub ca_file: Option<PathBuf>,
 }
 
 fn bin_dir() -> PathBuf {
@@ -53,6 +55,16 @@ fn run(tool: &Path, args: &[&str]) -> Output {
 impl Postgres {
     /// initdb + start; returns once the server accepts connections.
     pub fn start() -> Postgres {
+        Postgres::init(false)
+    }
+
+    /// As [`Postgres::start`], with `ssl = on` and a certificate for `127.0.0.1` and
+    /// `localhost` from a CA of its own ([`Postgres::ca_file`]).
+    pub fn start_tls() -> Postgres {
+        Postgres::init(true)
+    }
+
+    fn init(tls: bool) -> Postgres {
         let bin = bin_dir();
         let dir = tempfile::Builder::new().prefix("preflight-pg").tempdir().expect("tmp");
         if is_root() {
@@ -79,11 +91,35 @@ impl Postgres {
             ],
         );
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
-        let pg = Postgres {
+        let mut pg = Postgres {
             port: crate::slapd::free_port(),
             bin,
             dir,
+            ca_file: None,
         };
+        if tls {
+            let (ca, cert, key) = crate::slapd::test_ca_and_cert();
+            let ca_file = pg.dir.path().join("ca.pem");
+            std::fs::write(&ca_file, ca).expect("ca");
+            std::fs::write(data.join("server.crt"), cert).expect("cert");
+            let key_file = data.join("server.key");
+            std::fs::write(&key_file, key).expect("key");
+            std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+            if is_root() {
+                let st = Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(&key_file)
+                    .arg(data.join("server.crt"))
+                    .status()
+                    .expect("chown");
+                assert!(st.success());
+            }
+            let conf = data.join("postgresql.auto.conf");
+            let mut text = std::fs::read_to_string(&conf).unwrap_or_default();
+            text.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+            std::fs::write(&conf, text).expect("conf");
+            pg.ca_file = Some(ca_file);
+        }
         pg.start_server();
         pg
     }

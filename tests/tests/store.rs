@@ -535,3 +535,36 @@ async fn the_audit_log_in_the_store_survives_sigkill_and_shows_edits() {
     let (ok, text) = audit_cli(&config, &["verify"]);
     assert!(!ok && text.contains("signature"), "{text}");
 }
+
+/// `store.tls = "require"`: TLS through rustls, verified against `store.ca_file`; a database
+/// whose certificate another CA issued is refused, never used in plain text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_over_tls_is_verified() {
+    let pg = Postgres::start_tls();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let f = StoreFile {
+        url: Some(pg.url()),
+        tls: "require".into(),
+        ca_file: pg.ca_file.clone(),
+        hmac_key_file: Some(key_file(tmp.path())),
+        ..Default::default()
+    };
+    let store = Store::open(f.validate().expect("valid").expect("store"))
+        .await
+        .expect("TLS store opens");
+    assert!(store.probe().await);
+    // Every connection of the pool is encrypted.
+    let ssl = pg.psql("SELECT count(*) FILTER (WHERE NOT ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE usename = 'postgres' AND application_name <> 'psql'");
+    assert_eq!(ssl.trim(), "0", "a plain connection was made");
+    // Another CA: refused.
+    let other = tmp.path().join("other-ca.pem");
+    std::fs::write(&other, slapd::test_ca_and_cert().0).expect("write");
+    let bad = StoreFile {
+        ca_file: Some(other),
+        ..f
+    };
+    let e = Store::open(bad.validate().expect("valid").expect("store"))
+        .await
+        .expect_err("an unknown CA is refused");
+    assert!(e.contains("store"), "{e}");
+}

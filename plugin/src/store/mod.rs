@@ -158,9 +158,14 @@ impl StoreFile {
                         "store.ca_file: required with store.tls = \"require\" (the system's roots are not used)".into(),
                     );
                 };
+                // Never fall back to a plain connection.
+                pg.ssl_mode(tokio_postgres::config::SslMode::Require);
                 Some(client_config(ca)?)
             }
-            "disable" if loopback => None,
+            "disable" if loopback => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                None
+            }
             "disable" => {
                 return Err(format!(
                     "store.tls: \"disable\" only towards a loopback address; {} is not",
