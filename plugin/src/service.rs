@@ -493,7 +493,8 @@ pub fn to_proto(r: &Report) -> pb::CheckReport {
 }
 
 /// Builds the gRPC router: Preflight (behind the bearer token when configured), health
-/// (`grpc.health.v1`, open: probes carry no token) and reflection, with TLS or mutual TLS when
+/// (`grpc.health.v1`, open: probes carry no token) and reflection (`grpc.reflection.v1` and
+/// `v1alpha`), with TLS or mutual TLS when
 /// configured.
 pub async fn router(
     checker: Arc<Checker>,
@@ -505,11 +506,19 @@ pub async fn router(
     reporter
         .set_serving::<pb::preflight_server::PreflightServer<PreflightService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(rdp_preflight_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: many clients (grpcio-reflection, older grpcurl) speak only
+    // v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(rdp_preflight_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(|e| format!("reflection v1alpha: {e}"))?;
     let token = cfg.bearer_token.clone();
     let m = metrics.clone();
     let auth = move |req: Request<()>| match &token {
@@ -543,7 +552,11 @@ pub async fn router(
         }
         builder = builder.tls_config(t).map_err(|e| format!("server TLS: {e}"))?;
     }
-    let router = builder.add_service(health).add_service(reflection).add_service(svc);
+    let router = builder
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
+        .add_service(svc);
     Ok((router, reporter))
 }
 

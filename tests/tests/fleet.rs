@@ -224,6 +224,30 @@ async fn health_reflection_validation_and_catalog() {
     assert!(names.contains(&"preflight.v1.Preflight".to_owned()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
 
+    // The same through v1alpha, the only version grpcio-reflection and older clients speak.
+    {
+        use tonic_reflection::pb::v1alpha::{
+            server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+            server_reflection_response::MessageResponse, ServerReflectionRequest,
+        };
+        let mut refl = ServerReflectionClient::new(channel.clone());
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = refl
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .expect("reflection v1alpha")
+            .into_inner();
+        let resp = stream.message().await.expect("message").expect("a response");
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+            panic!("unexpected {resp:?}")
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.contains(&"preflight.v1.Preflight".to_owned()), "{names:?}");
+    }
+
     let mut client = pb::preflight_client::PreflightClient::new(channel);
     let bad = CheckRequest {
         request_id: String::new(),
