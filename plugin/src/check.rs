@@ -18,31 +18,15 @@ use crate::{
 /// Accounts the in-process lockout guard holds at most.
 pub const GUARD_CAPACITY: usize = 100_000;
 
-/// A validated check request (the service and the CLI build it).
-#[derive(Clone, Debug)]
-pub struct CheckInput {
-    /// The gateway's session id.
-    pub request_id: String,
-    /// Host name or IP literal.
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
-    /// Name the certificate must carry (defaults to `host`).
-    pub expected_name: String,
-    /// requestedProtocols.
-    pub requested: u32,
-    /// Weakest acceptable selected protocol.
-    pub minimum: Option<u32>,
-    /// NetBIOS or DNS computer name the NLA challenge must name (may be empty).
-    pub expected_computer: String,
-    /// The target account's credential.
-    pub credential: Option<Credential>,
-    /// Gateway user who asked.
-    pub requester_user: String,
-    /// Their source address.
-    pub requester_source: String,
-    /// Time budget for the whole check.
-    pub budget: Duration,
+pub use crate::report::CheckInput;
+
+/// Our own side failed during a check: no verdict can be given.
+#[derive(Debug)]
+pub struct InternalError {
+    /// What failed.
+    pub message: String,
+    /// The report as far as it got (for logs; not a verdict).
+    pub report: Report,
 }
 
 /// Runs checks; one per process.

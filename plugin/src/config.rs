@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -707,11 +707,6 @@ fn auto_pin_path() -> Option<PathBuf> {
     }
     let base = env("XDG_STATE_HOME").or_else(|| env("HOME").map(|h| h.join(".local/state")))?;
     Some(base.join("rdp-preflight").join("pins.json"))
-}
-
-/// The address an IP literal (optionally in brackets) names.
-pub fn is_ip_literal(host: &str) -> Option<IpAddr> {
-    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
 }
 
 /// Serialises tests that read or set `RDP_PREFLIGHT_*` variables.

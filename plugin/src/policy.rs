@@ -8,6 +8,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+/// The address an IP literal (optionally in brackets) names.
+pub fn is_ip_literal(host: &str) -> Option<IpAddr> {
+    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
 /// A CIDR network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Network {

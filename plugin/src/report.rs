@@ -3,7 +3,37 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use crate::cause::{Cause, Severity, Stage};
+use crate::{
+    cause::{Cause, Severity, Stage},
+    secret::Credential,
+};
+
+/// A validated check request (the service and the CLI build it).
+#[derive(Clone, Debug)]
+pub struct CheckInput {
+    /// The gateway's session id.
+    pub request_id: String,
+    /// Host name or IP literal.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Name the certificate must carry (defaults to `host`).
+    pub expected_name: String,
+    /// requestedProtocols.
+    pub requested: u32,
+    /// Weakest acceptable selected protocol.
+    pub minimum: Option<u32>,
+    /// NetBIOS or DNS computer name the NLA challenge must name (may be empty).
+    pub expected_computer: String,
+    /// The target account's credential.
+    pub credential: Option<Credential>,
+    /// Gateway user who asked.
+    pub requester_user: String,
+    /// Their source address.
+    pub requester_source: String,
+    /// Time budget for the whole check.
+    pub budget: Duration,
+}
 
 /// One thing found wrong (or worth a warning), with the raw evidence beside the cause.
 #[derive(Clone, Debug, PartialEq, Eq)]

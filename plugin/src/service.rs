@@ -154,7 +154,7 @@ pub fn budget(cfg: &Config, deadline: Option<Duration>) -> Duration {
 }
 
 fn host_syntax_ok(h: &str) -> bool {
-    if crate::config::is_ip_literal(h).is_some() {
+    if crate::policy::is_ip_literal(h).is_some() {
         return true;
     }
     let h = h.strip_suffix('.').unwrap_or(h);

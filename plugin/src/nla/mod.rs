@@ -49,8 +49,7 @@ use tokio::{
 use self::credssp::{Client, Entropy, Identity, Refusal};
 use crate::{
     cause::{Cause, Severity, Stage},
-    deadline::{Budget, Expired},
-    probe::deadline_finding,
+    deadline::{deadline_finding, Budget, Expired},
     report::{Finding, NlaFacts, StageStatus},
     secret::Credential,
 };

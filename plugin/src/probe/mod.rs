@@ -28,7 +28,7 @@ use tokio::{
 use crate::{
     cause::{Cause, Stage},
     config::Config,
-    deadline::{Budget, Expired},
+    deadline::{deadline_finding, Budget, Expired},
     report::{Finding, StageRecord, StageStatus, TargetFacts},
 };
 
@@ -105,16 +105,6 @@ pub fn not_run(stage: Stage, offset: Duration, detail: &str) -> StageRecord {
         duration: Duration::ZERO,
         detail: detail.into(),
     }
-}
-
-/// The finding for a budget that ran out in `stage`.
-pub fn deadline_finding(stage: Stage, budget: &Budget) -> Finding {
-    Finding::new(
-        Cause::CheckDeadlineExceeded,
-        format!("the check ran out of time during the {stage} stage"),
-    )
-    .with("stage", stage)
-    .with("elapsed_ms", budget.elapsed().as_millis())
 }
 
 /// Runs probes; one per process, shared by all checks.
@@ -732,7 +722,7 @@ fn x224_name_ok(name: &str) -> bool {
 }
 
 fn config_ip(name: &str) -> Option<std::net::IpAddr> {
-    crate::config::is_ip_literal(name)
+    crate::policy::is_ip_literal(name)
 }
 
 fn policy_finding(host: &str, r: &crate::policy::Refusal) -> Finding {
