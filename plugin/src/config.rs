@@ -258,7 +258,8 @@ pub struct PolicyFile {
     pub allow_loopback: bool,
     /// CIDR networks targets must be in (default: any, except the always-denied set).
     pub allow_networks: Vec<String>,
-    /// DNS suffixes host names must end with (default: any).
+    /// DNS suffixes host names must end with (default: any). When set, IP literals are refused
+    /// unless they fall in `allow_networks`.
     pub allow_dns_suffixes: Vec<String>,
     /// Ports targets may use (default: any).
     pub allow_ports: Vec<u16>,
