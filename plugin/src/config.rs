@@ -212,7 +212,8 @@ pub struct CertFile {
     /// `$XDG_STATE_HOME/rdp-preflight`, else `~/.local/state/rdp-preflight`), `"memory"`,
     /// `"off"`, or a file path (default `"auto"`).
     pub pin_store: String,
-    /// Fixed pins: `"host:port" = "<sha256 hex>"`; they win over the store.
+    /// Fixed pins: `"address:port" = "<sha256 hex>"` (the address the connection reaches), or
+    /// `"name:port"` (matched when a request dials that name); they win over the store.
     pub pins: BTreeMap<String, String>,
 }
 
@@ -357,7 +358,7 @@ pub struct Config {
     pub expiring_window: Duration,
     /// TOFU pin store.
     pub pin_store: PinStoreConfig,
-    /// Fixed pins by `host:port` (lower-case host).
+    /// Fixed pins by connected `address:port`, or `name:port` (lower-case name).
     pub pins: HashMap<String, String>,
     /// NET_HIGH_LATENCY threshold.
     pub high_latency: Duration,
@@ -569,7 +570,15 @@ impl FileConfig {
             if fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(err(&key, "must be a SHA-256 fingerprint (64 hex digits)"));
             }
-            pins.insert(target.to_ascii_lowercase(), fp);
+            // Addresses as the pin store keys them, names lower case without a trailing dot.
+            let normalised = match target.parse::<SocketAddr>() {
+                Ok(a) => crate::probe::pins::target_key(a),
+                Err(_) => match target.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
+                    Some((h, Ok(port))) => crate::probe::pins::name_key(h, port),
+                    _ => return Err(err(&key, "target must be host:port")),
+                },
+            };
+            pins.insert(normalised, fp);
         }
         let mut networks = Vec::new();
         for (i, n) in self.policy.allow_networks.iter().enumerate() {

@@ -320,11 +320,21 @@ impl Prober {
                 anchors: &self.cfg.trust_anchors,
             };
             let (facts, mut found) = cert::analyse(&attempt.chain, &inputs);
-            let key = pins::target_key(&req.host, req.port);
-            let (pin, mismatch) = self.pins.check_status(&key, &facts.sha256_fingerprint);
-            out.pin = pin;
-            if let Some(f) = mismatch {
-                found.push(f.with("target", &key));
+            if let Some(addr) = attempt.connected {
+                let key = pins::target_key(addr);
+                let mut names = vec![pins::name_key(&req.host, req.port)];
+                if req.expected_name != req.host {
+                    names.push(pins::name_key(&req.expected_name, req.port));
+                }
+                let (pin, mismatch) = self.pins.check_status(&key, &names, &facts.sha256_fingerprint);
+                out.pin = pin;
+                if let Some(f) = mismatch {
+                    found.push(
+                        f.with("target", &key)
+                            .with("expected_name", &req.expected_name)
+                            .with("dialled", format!("{}:{}", req.host, req.port)),
+                    );
+                }
             }
             let failed = found
                 .iter()
