@@ -81,8 +81,19 @@ impl Checker {
         &self.cfg
     }
 
-    /// Runs one check. Never fails: a target that fails is a DENY report.
+    /// Runs one check. A target that fails is a DENY report; an internal error (our own side
+    /// failed, the target is not to blame) comes out as the report so far (see [`Checker::run`]).
     pub async fn check(&self, input: CheckInput) -> Report {
+        match self.run(input).await {
+            Ok(r) => r,
+            Err(e) => e.report,
+        }
+    }
+
+    /// Runs one check: the report, or an internal error when our own side failed (an encoding
+    /// or TLS library error, an "impossible" state). An internal error is never turned into a
+    /// target cause: the gateway gets it as what it is.
+    pub async fn run(&self, input: CheckInput) -> Result<Report, InternalError> {
         let started_at = wall_clock();
         let budget = Budget::new(input.budget);
         let preq = ProbeRequest {
@@ -91,13 +102,22 @@ impl Checker {
             expected_name: input.expected_name.clone(),
             requested: input.requested,
             minimum: input.minimum,
+            cookie: crate::probe::negotiate::cookie(
+                input.credential.as_ref().map(|c| c.username.as_str()),
+                self.cfg.cookie.as_deref(),
+            ),
         };
         let (mut probe, cred) = tokio::join!(
             self.prober.probe(&preq, &budget),
             self.credential(input.credential.as_ref(), &budget)
         );
         let nla = self.nla(&input, &mut probe, cred.as_ref().map(|c| &c.0), &budget).await;
-        self.finish(input, probe, cred, nla, budget, started_at)
+        let internal = probe.internal.take();
+        let report = self.finish(input, probe, cred, nla, budget, started_at);
+        match internal {
+            None => Ok(report),
+            Some(message) => Err(InternalError { message, report }),
+        }
     }
 
     /// The NLA stage, on the TLS stage's stream, when the server selected HYBRID / HYBRID_EX.
@@ -132,7 +152,14 @@ impl Checker {
             return skipped(StageStatus::Skipped, why);
         }
         let (Some(mut stream), Some(cert)) = (probe.tls.take(), probe.server_cert.as_ref()) else {
-            return skipped(StageStatus::NotRun, "an earlier stage denied the session".into());
+            let why = if probe.internal.is_some() {
+                "internal error"
+            } else if probe.facts.certificate.is_none() || probe.facts.tls_version.is_empty() {
+                "the TLS stage did not complete"
+            } else {
+                "an earlier stage denied the session"
+            };
+            return skipped(StageStatus::NotRun, why.into());
         };
         let public_key = match x509_parser::parse_x509_certificate(cert) {
             Ok((_, c)) => c.public_key().subject_public_key.data.to_vec(),
@@ -326,6 +353,7 @@ impl Checker {
             tls,
             server_cert: _,
             pin: _,
+            internal: _,
         } = probe;
         // Whatever the NLA stage did not take is closed here.
         drop(tls);

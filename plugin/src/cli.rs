@@ -372,7 +372,10 @@ fn check(args: CheckArgs) -> ExitCode {
     };
     let report = rt.block_on(async {
         let checker = Checker::new(cfg.clone())?;
-        Ok::<_, String>(checker.check(input).await)
+        checker
+            .run(input)
+            .await
+            .map_err(|e| format!("internal error: {}", e.message))
     });
     let report = match report {
         Ok(r) => r,

@@ -176,7 +176,9 @@ pub struct ProbeFile {
     pub x224_timeout_ms: u64,
     /// Default 5000 ms.
     pub tls_timeout_ms: u64,
-    /// `Cookie: mstshash=` value sent in the request (default none).
+    /// `Cookie: mstshash=` line in the connection request, as mstsc sends one: the
+    /// credential's user name when the request carries one, else this value (default
+    /// `"rdp-preflight"`); `""` sends no cookie.
     pub cookie: Option<String>,
     /// Protocols requested when the request names none (default `["ssl", "hybrid"]`).
     pub default_protocols: Vec<String>,
@@ -346,7 +348,7 @@ pub struct Config {
     pub x224_timeout: Duration,
     /// TLS handshake limit.
     pub tls_timeout: Duration,
-    /// mstshash cookie.
+    /// mstshash cookie sent when the request has no usable user name (`None`: no cookie).
     pub cookie: Option<String>,
     /// requestedProtocols when the request names none.
     pub default_protocols: u32,
@@ -541,9 +543,14 @@ impl FileConfig {
                 parse_protocol(p).ok_or_else(|| err("probe.minimum_protocol", format!("unknown protocol {p:?}")))?,
             ),
         };
-        if let Some(c) = &self.probe.cookie {
-            crate::probe::x224::encode_connection_request(Some(c), 0).map_err(|e| err("probe.cookie", e))?;
-        }
+        let cookie = match self.probe.cookie.as_deref() {
+            None => Some(crate::probe::negotiate::DEFAULT_COOKIE.to_owned()),
+            Some("") => None,
+            Some(c) => {
+                crate::probe::x224::encode_connection_request(Some(c), 0).map_err(|e| err("probe.cookie", e))?;
+                Some(c.to_owned())
+            }
+        };
         let mut trust_anchors = Vec::new();
         for (i, path) in self.cert.trust_anchors.iter().enumerate() {
             trust_anchors.extend(load_anchors(path).map_err(|e| err(&format!("cert.trust_anchors[{i}]"), e))?);
@@ -620,7 +627,7 @@ impl FileConfig {
             tcp_timeout: ms("probe.tcp_timeout_ms", self.probe.tcp_timeout_ms)?,
             x224_timeout: ms("probe.x224_timeout_ms", self.probe.x224_timeout_ms)?,
             tls_timeout: ms("probe.tls_timeout_ms", self.probe.tls_timeout_ms)?,
-            cookie: self.probe.cookie.clone(),
+            cookie,
             default_protocols,
             minimum_protocol,
             trust_anchors,

@@ -71,7 +71,17 @@ impl pb::preflight_server::Preflight for PreflightService {
             .await
             .map_err(|_| Status::unavailable("shutting down"))?;
         let span = tracing::info_span!("check", request_id = %input.request_id, host = %input.host, port = input.port);
-        let report = tracing::Instrument::instrument(self.checker.check(input), span.clone()).await;
+        let report = match tracing::Instrument::instrument(self.checker.run(input), span.clone()).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Our own side failed: not a verdict about the target.
+                self.metrics.rejected("internal");
+                span.in_scope(
+                    || tracing::error!(check_id = %e.report.check_id, error = %e.message, "check failed internally"),
+                );
+                return Err(Status::internal(format!("internal error: {}", e.message)));
+            }
+        };
         // A DENY is on disk before the answer leaves; if it cannot be, the gateway gets an
         // error, never an unrecorded verdict.
         if let (Some(audit), Some(input)) = (&self.audit, recorded) {
