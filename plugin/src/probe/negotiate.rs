@@ -202,6 +202,11 @@ impl X224Error {
     }
 }
 
+/// Bytes of another service's answer kept as evidence.
+const EVIDENCE_BYTES: usize = 64;
+/// How long to wait for more of another service's answer, once it is known not to be RDP.
+const EVIDENCE_WAIT: Duration = Duration::from_millis(100);
+
 /// What [`exchange`] keeps even when it is cancelled by a deadline.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -229,7 +234,17 @@ pub async fn exchange(stream: &mut TcpStream, cr: &[u8], progress: &mut Progress
                 return Ok(pdu);
             }
             Ok(x224::Decoded::Incomplete(n)) => n.saturating_sub(buf.len()).clamp(1, chunk.len()),
-            Err(e) => return Err(X224Error::NotRdp(e, std::mem::take(buf))),
+            Err(e) => {
+                // Another service: what it said beyond the first bytes is the best evidence.
+                // Take what arrives within a moment, never more than [`EVIDENCE_BYTES`].
+                if buf.len() < EVIDENCE_BYTES {
+                    let room = EVIDENCE_BYTES - buf.len();
+                    if let Ok(Ok(n)) = tokio::time::timeout(EVIDENCE_WAIT, stream.read(&mut chunk[..room])).await {
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                }
+                return Err(X224Error::NotRdp(e, std::mem::take(buf)));
+            }
         };
         match stream.read(&mut chunk[..want]).await {
             Ok(0) => {
