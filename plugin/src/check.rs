@@ -43,6 +43,7 @@ struct NlaResult {
     record: StageRecord,
     findings: Vec<Finding>,
     facts: NlaFacts,
+    internal: Option<String>,
 }
 
 impl Checker {
@@ -111,8 +112,8 @@ impl Checker {
             self.prober.probe(&preq, &budget),
             self.credential(input.credential.as_ref(), &budget)
         );
-        let nla = self.nla(&input, &mut probe, cred.as_ref().map(|c| &c.0), &budget).await;
-        let internal = probe.internal.take();
+        let mut nla = self.nla(&input, &mut probe, cred.as_ref().map(|c| &c.0), &budget).await;
+        let internal = probe.internal.take().or_else(|| nla.internal.take());
         let report = self.finish(input, probe, cred, nla, budget, started_at);
         match internal {
             None => Ok(report),
@@ -139,6 +140,7 @@ impl Checker {
             },
             findings: Vec::new(),
             facts: NlaFacts::default(),
+            internal: None,
         };
         let selected = probe.facts.selected_protocol;
         if !self.cfg.nla_enabled {
@@ -201,6 +203,7 @@ impl Checker {
             },
             findings: out.findings,
             facts,
+            internal: out.internal,
         }
     }
 
