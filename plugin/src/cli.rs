@@ -580,6 +580,10 @@ pub fn render_table(r: &Report) -> String {
 fn config_check(file: &Path) -> ExitCode {
     match Config::load(Some(file)) {
         Ok(cfg) => {
+            // A pin file that `serve` would refuse (corrupt, unreadable) fails the check too.
+            if let Err(e) = crate::probe::pins::PinStore::open(&cfg.pin_store, cfg.pins.clone()) {
+                return usage(e);
+            }
             // The file mirror holds paths and env-var names for secrets, never secret values.
             match toml::to_string_pretty(&cfg.file) {
                 Ok(t) => {
