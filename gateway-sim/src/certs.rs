@@ -89,10 +89,10 @@ impl SimCa {
         })
     }
 
-    /// PEM bundle to configure as trust anchors: the sim CA, then the fixture CA that issued
-    /// the `sha1` certificate.
+    /// PEM bundle to configure as trust anchors: the sim CA, then the fixture CAs that issued
+    /// the `sha1` and the RSA-1024 (`weak_rsa`) certificates.
     pub(crate) fn trust_pem(&self) -> String {
-        format!("{}{}", self.pem, LEGACY_CA_PEM)
+        format!("{}{}{}", self.pem, LEGACY_CA_PEM, crate::weak_rsa::CA_PEM)
     }
 
     /// Makes the certificate of `variant` for a target called `name` listening on `ip`.

@@ -12,6 +12,7 @@ pub mod driver;
 mod ntlm;
 pub mod scenario;
 pub mod targets;
+mod weak_rsa;
 mod wire;
 
 pub use certs::CertError;

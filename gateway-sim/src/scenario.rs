@@ -54,6 +54,9 @@ pub enum Behavior {
     Silent,
     /// Answer an HTTP error page.
     Garbage,
+    /// A line-based service (a web server, SMTP …): reads until the end of a line, answers an
+    /// HTTP 400 page and closes; without a line it waits.
+    LineService,
     /// Answer an X.224 Disconnect Request instead of a confirm.
     DisconnectRequest,
     /// Confirm SSL, read the ClientHello, close without an alert.
@@ -65,6 +68,12 @@ pub enum Behavior {
     /// Confirm SSL; a ClientHello offering TLS 1.2 or later gets a fatal protocol_version alert,
     /// a legacy one (client_version TLS 1.1 or lower) a TLS 1.0 ServerHello.
     Tls10Alert,
+    /// Confirm SSL; a ClientHello offering TLS 1.2 or later gets a TCP reset without any alert
+    /// (as Schannel limited to TLS 1.0 does), a legacy one a TLS 1.0 ServerHello.
+    Tls10Reset,
+    /// Confirm SSL, then a hand-written TLS 1.2 server flight with an RSA-1024 certificate
+    /// (issued by the fixture rsa1024 CA) whose key signs the ServerKeyExchange.
+    WeakRsa,
     /// Confirm SSL, answer a fatal handshake_failure alert.
     TlsNoSharedCipher,
     /// Confirm SSL, answer a fatal internal_error alert.
@@ -96,7 +105,7 @@ pub enum Behavior {
 
 impl Behavior {
     /// Every behaviour, in documentation order.
-    pub const ALL: [Behavior; 26] = [
+    pub const ALL: [Behavior; 29] = [
         Behavior::Healthy,
         Behavior::HealthyNla,
         Behavior::NegFailure,
@@ -105,11 +114,14 @@ impl Behavior {
         Behavior::CloseOnAccept,
         Behavior::Silent,
         Behavior::Garbage,
+        Behavior::LineService,
         Behavior::DisconnectRequest,
         Behavior::TlsCloseAfterHello,
         Behavior::TlsDisconnectRequest,
         Behavior::Tls10Only,
         Behavior::Tls10Alert,
+        Behavior::Tls10Reset,
+        Behavior::WeakRsa,
         Behavior::TlsNoSharedCipher,
         Behavior::TlsAlert,
         Behavior::TlsNotTls,
@@ -136,11 +148,14 @@ impl Behavior {
             Behavior::CloseOnAccept => "close_on_accept",
             Behavior::Silent => "silent",
             Behavior::Garbage => "garbage",
+            Behavior::LineService => "line_service",
             Behavior::DisconnectRequest => "disconnect_request",
             Behavior::TlsCloseAfterHello => "tls_close_after_hello",
             Behavior::TlsDisconnectRequest => "tls_disconnect_request",
             Behavior::Tls10Only => "tls10_only",
             Behavior::Tls10Alert => "tls10_alert",
+            Behavior::Tls10Reset => "tls10_reset",
+            Behavior::WeakRsa => "weak_rsa",
             Behavior::TlsNoSharedCipher => "tls_no_shared_cipher",
             Behavior::TlsAlert => "tls_alert",
             Behavior::TlsNotTls => "tls_not_tls",
@@ -198,6 +213,8 @@ impl Behavior {
                 | Behavior::TlsDisconnectRequest
                 | Behavior::Tls10Only
                 | Behavior::Tls10Alert
+                | Behavior::Tls10Reset
+                | Behavior::WeakRsa
                 | Behavior::TlsNoSharedCipher
                 | Behavior::TlsAlert
                 | Behavior::TlsNotTls

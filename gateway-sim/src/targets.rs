@@ -153,7 +153,8 @@ impl Fleet {
     }
 
     /// PEM trust bundle for the plugin's trust anchors: the sim CA (which issues every generated
-    /// target certificate) followed by the fixture CA that issued the `sha1` certificate.
+    /// target certificate) followed by the fixture CAs that issued the `sha1` and the RSA-1024
+    /// (`weak_rsa`) certificates.
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
     }
@@ -330,6 +331,8 @@ enum ConnError {
     Der(#[from] credssp::DerError),
     #[error("no randomness for the NTLM challenge")]
     Random,
+    #[error("weak_rsa flight: {0}")]
+    Flight(crate::weak_rsa::FlightError),
 }
 
 async fn serve(mut stream: TcpStream, target: &Target, n: u64) -> Result<(), ConnError> {
@@ -341,6 +344,9 @@ async fn serve(mut stream: TcpStream, target: &Target, n: u64) -> Result<(), Con
         Behavior::Flapping if n % 2 == 1 => return finish(stream).await,
         Behavior::Refused => return Ok(()),
         _ => {}
+    }
+    if spec.behavior == Behavior::LineService {
+        return line_service(stream).await;
     }
     let request = read_request(&mut stream).await;
     match spec.behavior {
@@ -432,6 +438,25 @@ async fn serve(mut stream: TcpStream, target: &Target, n: u64) -> Result<(), Con
             }
             finish(stream).await
         }
+        Behavior::Tls10Reset => {
+            // Schannel limited to TLS 1.0: a modern hello is reset, no alert.
+            let version = read_client_hello(&mut stream).await?;
+            if version.is_some_and(|v| v >= 0x0303) {
+                return reset(stream);
+            }
+            write_tls10_server_hello(&mut stream).await?;
+            finish(stream).await
+        }
+        Behavior::WeakRsa => {
+            let hello = read_client_hello_random(&mut stream).await?;
+            let Some((_, client_random)) = hello else {
+                return finish(stream).await;
+            };
+            let rng = ring::rand::SystemRandom::new();
+            let flight = crate::weak_rsa::server_flight(&client_random, &rng).map_err(ConnError::Flight)?;
+            write(&mut stream, &flight).await?;
+            finish(stream).await
+        }
         Behavior::TlsNoSharedCipher => {
             read_client_hello(&mut stream).await?;
             write(&mut stream, &wire::ALERT_HANDSHAKE_FAILURE).await?;
@@ -508,6 +533,42 @@ async fn write_tls10_server_hello(stream: &mut TcpStream) -> Result<(), ConnErro
 /// Reads the client's first TLS record; returns the ClientHello's client_version when the record
 /// holds one.
 async fn read_client_hello(stream: &mut TcpStream) -> Result<Option<u16>, ConnError> {
+    Ok(read_client_hello_random(stream).await?.map(|(v, _)| v))
+}
+
+/// A line-based service on the RDP port: reads until the end of a line (at most 4 KiB, under
+/// [`READ_TIMEOUT`]), whatever the bytes before it, then answers like a web server to a request
+/// line it cannot parse and closes. Without a line it waits (and then closes).
+async fn line_service(mut stream: TcpStream) -> Result<(), ConnError> {
+    let deadline = Instant::now() + READ_TIMEOUT;
+    let mut seen = 0usize;
+    let mut buf = [0u8; 512];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return finish(stream).await,
+            Ok(Ok(0)) => return Err(ConnError::Closed),
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(e.into()),
+        };
+        seen += n;
+        if buf[..n].contains(&b'\n') || seen > 4096 {
+            break;
+        }
+    }
+    write(&mut stream, wire::LINE_SERVICE_ANSWER).await?;
+    finish(stream).await
+}
+
+/// Closes with a TCP reset (SO_LINGER 0), no FIN, no alert.
+fn reset(stream: TcpStream) -> Result<(), ConnError> {
+    stream.set_zero_linger()?;
+    drop(stream);
+    Ok(())
+}
+
+/// Reads the client's first TLS record; returns the ClientHello's client_version and random
+/// when the record holds one.
+async fn read_client_hello_random(stream: &mut TcpStream) -> Result<Option<(u16, [u8; 32])>, ConnError> {
     let deadline = Instant::now() + READ_TIMEOUT;
     let mut header = [0u8; 5];
     read_exact_by(stream, &mut header, deadline).await?;
@@ -518,9 +579,13 @@ async fn read_client_hello(stream: &mut TcpStream) -> Result<Option<u16>, ConnEr
     let len = usize::from(u16::from_be_bytes([header[3], header[4]])).min(18_432);
     let mut body = vec![0u8; len];
     read_exact_by(stream, &mut body, deadline).await?;
-    // msg_type ClientHello (1) | length u24 | client_version u16
+    // msg_type ClientHello (1) | length u24 | client_version u16 | random[32]
     Ok(match body.as_slice() {
-        [1, _, _, _, hi, lo, ..] => Some(u16::from_be_bytes([*hi, *lo])),
+        [1, _, _, _, hi, lo, rest @ ..] if rest.len() >= 32 => {
+            let mut random = [0u8; 32];
+            random.copy_from_slice(&rest[..32]);
+            Some((u16::from_be_bytes([*hi, *lo]), random))
+        }
         _ => None,
     })
 }
@@ -834,7 +899,7 @@ mod tests {
         let (_, ca) = X509Certificate::from_der(&ca_der).unwrap();
         assert_eq!(cert.issuer(), ca.subject());
         cert.verify_signature(Some(ca.public_key())).unwrap();
-        assert_eq!(fleet.ca_pem().matches("BEGIN CERTIFICATE").count(), 2);
+        assert_eq!(fleet.ca_pem().matches("BEGIN CERTIFICATE").count(), 3);
     }
 
     #[tokio::test]
@@ -958,6 +1023,53 @@ mod tests {
         assert_eq!(hello[5], 0x02); // ServerHello
         assert_eq!(&hello[9..11], &[0x03, 0x01]); // legacy_version TLS 1.0
         assert_eq!(&hello[44..46], &[0x00, 0x2f]); // TLS_RSA_WITH_AES_128_CBC_SHA
+    }
+
+    #[tokio::test]
+    async fn line_service_waits_for_a_line_then_answers_http() {
+        let (_fleet, addr) = fleet_of(spec("line", Behavior::LineService)).await;
+        // The 19-byte request without a cookie ends no line: no answer.
+        let mut s = connect_and_request(addr, &CR).await;
+        let mut byte = [0u8; 1];
+        assert!(timeout(Duration::from_millis(300), s.read(&mut byte)).await.is_err());
+        // A line end: the service answers.
+        s.write_all(b"\r\n").await.unwrap();
+        assert!(read_to_close(&mut s).await.starts_with(b"HTTP/1.1 400 Bad Request\r\n"));
+    }
+
+    #[tokio::test]
+    async fn tls10_reset_resets_a_modern_hello_and_answers_a_legacy_one() {
+        // A hello too short to carry a TLS 1.2 client_version is answered like a legacy one.
+        let hello = after_client_hello(Behavior::Tls10Reset).await;
+        assert_eq!(&hello[..5], &[0x16, 0x03, 0x01, 0x00, 0x2a]);
+        let (_fleet, addr) = fleet_of(spec("tls10-reset", Behavior::Tls10Reset)).await;
+        let mut s = connect_and_request(addr, &CR).await;
+        read_n(&mut s, 19).await;
+        let err = permissive_client()
+            .connect(ServerName::try_from("tls10-reset").unwrap(), s)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+    }
+
+    #[tokio::test]
+    async fn weak_rsa_presents_an_rsa_1024_certificate() {
+        let (_fleet, addr) = fleet_of(spec("cert-rsa1024", Behavior::WeakRsa)).await;
+        let mut s = connect_and_request(addr, &CR).await;
+        assert_eq!(read_n(&mut s, 19).await, confirm_ssl());
+        let tls = permissive_client();
+        // ring refuses RSA-1024 for signatures: the handshake cannot complete here.
+        assert!(tls
+            .connect(ServerName::try_from("cert-rsa1024").unwrap(), s)
+            .await
+            .is_err());
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(crate::weak_rsa::CERT_PEM.as_bytes()).unwrap();
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = cert.public_key().parsed() else {
+            panic!("not RSA")
+        };
+        assert_eq!(rsa.key_size(), 1024);
+        assert_eq!(sans(&cert), vec!["cert-rsa1024", "localhost", "127.0.0.1"]);
     }
 
     #[tokio::test]

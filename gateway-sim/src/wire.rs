@@ -146,6 +146,15 @@ pub(crate) fn tls10_server_hello(random: &[u8; 32]) -> [u8; 47] {
     out
 }
 
+/// What the `line_service` target answers a line: a web server's reply to a request line it
+/// cannot parse (RFC 9112 status line, headers, blank line, body).
+pub(crate) const LINE_SERVICE_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+Content-Type: text/plain\r\n\
+Content-Length: 12\r\n\
+Connection: close\r\n\
+\r\n\
+bad request\n";
+
 /// The minimal client request used by the bench's direct handshake: 19 bytes, no cookie,
 /// RDP_NEG_REQ asking for `requested` (MS-RDPBCGR 2.2.1.1).
 pub(crate) fn connection_request(requested: u32) -> [u8; 19] {

@@ -18,31 +18,15 @@ use crate::{
 /// Accounts the in-process lockout guard holds at most.
 pub const GUARD_CAPACITY: usize = 100_000;
 
-/// A validated check request (the service and the CLI build it).
-#[derive(Clone, Debug)]
-pub struct CheckInput {
-    /// The gateway's session id.
-    pub request_id: String,
-    /// Host name or IP literal.
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
-    /// Name the certificate must carry (defaults to `host`).
-    pub expected_name: String,
-    /// requestedProtocols.
-    pub requested: u32,
-    /// Weakest acceptable selected protocol.
-    pub minimum: Option<u32>,
-    /// NetBIOS or DNS computer name the NLA challenge must name (may be empty).
-    pub expected_computer: String,
-    /// The target account's credential.
-    pub credential: Option<Credential>,
-    /// Gateway user who asked.
-    pub requester_user: String,
-    /// Their source address.
-    pub requester_source: String,
-    /// Time budget for the whole check.
-    pub budget: Duration,
+pub use crate::report::CheckInput;
+
+/// Our own side failed during a check: no verdict can be given.
+#[derive(Debug)]
+pub struct InternalError {
+    /// What failed.
+    pub message: String,
+    /// The report as far as it got (for logs; not a verdict).
+    pub report: Report,
 }
 
 /// Runs checks; one per process.
@@ -59,6 +43,7 @@ struct NlaResult {
     record: StageRecord,
     findings: Vec<Finding>,
     facts: NlaFacts,
+    internal: Option<String>,
 }
 
 impl Checker {
@@ -80,12 +65,17 @@ impl Checker {
         let pg = crate::store::guard::PgGuardStore::new(store.clone(), guard_limits(&cfg));
         let guard = Arc::new(Guard::new(key, Arc::new(pg)));
         tracing::info!(store = %store.display(), "lockout guard on the shared store");
-        Ok((Checker::with_guard(cfg, guard)?, Some(store)))
+        let checker = Checker::build(cfg, guard, Some(store.clone()))?;
+        Ok((checker, Some(store)))
     }
 
     /// A checker whose LDAP binds and NLA logons spend attempts through `guard`.
     pub fn with_guard(cfg: Arc<Config>, guard: Arc<Guard>) -> Result<Checker, String> {
-        let prober = Prober::new(cfg.clone())?;
+        Checker::build(cfg, guard, None)
+    }
+
+    fn build(cfg: Arc<Config>, guard: Arc<Guard>, store: Option<Arc<crate::store::Store>>) -> Result<Checker, String> {
+        let prober = Prober::with_store(cfg.clone(), store)?;
         let credential = cfg
             .directory
             .clone()
@@ -108,8 +98,19 @@ impl Checker {
         &self.cfg
     }
 
-    /// Runs one check. Never fails: a target that fails is a DENY report.
+    /// Runs one check. A target that fails is a DENY report; an internal error (our own side
+    /// failed, the target is not to blame) comes out as the report so far (see [`Checker::run`]).
     pub async fn check(&self, input: CheckInput) -> Report {
+        match self.run(input).await {
+            Ok(r) => r,
+            Err(e) => e.report,
+        }
+    }
+
+    /// Runs one check: the report, or an internal error when our own side failed (an encoding
+    /// or TLS library error, an "impossible" state). An internal error is never turned into a
+    /// target cause: the gateway gets it as what it is.
+    pub async fn run(&self, input: CheckInput) -> Result<Report, InternalError> {
         let started_at = wall_clock();
         let budget = Budget::new(input.budget);
         let preq = ProbeRequest {
@@ -118,13 +119,22 @@ impl Checker {
             expected_name: input.expected_name.clone(),
             requested: input.requested,
             minimum: input.minimum,
+            cookie: crate::probe::negotiate::cookie(
+                input.credential.as_ref().map(|c| c.username.as_str()),
+                self.cfg.cookie.as_deref(),
+            ),
         };
         let (mut probe, cred) = tokio::join!(
             self.prober.probe(&preq, &budget),
             self.credential(input.credential.as_ref(), &budget)
         );
-        let nla = self.nla(&input, &mut probe, cred.as_ref().map(|c| &c.0), &budget).await;
-        self.finish(input, probe, cred, nla, budget, started_at)
+        let mut nla = self.nla(&input, &mut probe, cred.as_ref().map(|c| &c.0), &budget).await;
+        let internal = probe.internal.take().or_else(|| nla.internal.take());
+        let report = self.finish(input, probe, cred, nla, budget, started_at);
+        match internal {
+            None => Ok(report),
+            Some(message) => Err(InternalError { message, report }),
+        }
     }
 
     /// The NLA stage, on the TLS stage's stream, when the server selected HYBRID / HYBRID_EX.
@@ -146,6 +156,7 @@ impl Checker {
             },
             findings: Vec::new(),
             facts: NlaFacts::default(),
+            internal: None,
         };
         let selected = probe.facts.selected_protocol;
         if !self.cfg.nla_enabled {
@@ -159,7 +170,14 @@ impl Checker {
             return skipped(StageStatus::Skipped, why);
         }
         let (Some(mut stream), Some(cert)) = (probe.tls.take(), probe.server_cert.as_ref()) else {
-            return skipped(StageStatus::NotRun, "an earlier stage denied the session".into());
+            let why = if probe.internal.is_some() {
+                "internal error"
+            } else if probe.facts.certificate.is_none() || probe.facts.tls_version.is_empty() {
+                "the TLS stage did not complete"
+            } else {
+                "an earlier stage denied the session"
+            };
+            return skipped(StageStatus::NotRun, why.into());
         };
         let public_key = match x509_parser::parse_x509_certificate(cert) {
             Ok((_, c)) => c.public_key().subject_public_key.data.to_vec(),
@@ -201,6 +219,7 @@ impl Checker {
             },
             findings: out.findings,
             facts,
+            internal: out.internal,
         }
     }
 
@@ -353,6 +372,7 @@ impl Checker {
             tls,
             server_cert: _,
             pin: _,
+            internal: _,
         } = probe;
         // Whatever the NLA stage did not take is closed here.
         drop(tls);

@@ -416,7 +416,10 @@ fn check(args: CheckArgs) -> ExitCode {
     };
     let report = rt.block_on(async {
         let (checker, _store) = Checker::open(cfg.clone()).await?;
-        Ok::<_, String>(checker.check(input).await)
+        checker
+            .run(input)
+            .await
+            .map_err(|e| format!("internal error: {}", e.message))
     });
     let report = match report {
         Ok(r) => r,
@@ -443,6 +446,26 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
+/// Text that came from the target or the directory (certificate subjects, NTLM names, LDAP
+/// diagnostics, evidence), made safe for a terminal: control characters (C0, DEL, C1, so no
+/// escape sequences and no forged lines) and bidirectional overrides are written as `\u{..}`
+/// escapes; everything else is kept as is.
+pub fn esc(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// The readable report: summary, stages with timings, findings with evidence and remediation.
 pub fn render_table(r: &Report) -> String {
     use std::fmt::Write as _;
@@ -453,11 +476,11 @@ pub fn render_table(r: &Report) -> String {
         Verdict::AllowWithWarnings => "ALLOW_WITH_WARNINGS",
         Verdict::Deny => "DENY",
     };
-    let _ = writeln!(s, "check {}  request {}", r.check_id, r.request_id);
+    let _ = writeln!(s, "check {}  request {}", r.check_id, esc(&r.request_id));
     let _ = writeln!(
         s,
         "target  {}:{}  verdict {verdict}  primary {} ({})  in {} ms",
-        t.host,
+        esc(&t.host),
         t.port,
         r.primary_cause,
         r.primary_cause.number(),
@@ -492,7 +515,7 @@ pub fn render_table(r: &Report) -> String {
             status,
             ms(st.start),
             ms(st.duration),
-            st.detail
+            esc(&st.detail)
         );
     }
     if !r.findings.is_empty() {
@@ -510,12 +533,12 @@ pub fn render_table(r: &Report) -> String {
                 f.cause,
                 f.stage
             );
-            let _ = writeln!(s, "        {}", f.message);
+            let _ = writeln!(s, "        {}", esc(&f.message));
             if !f.evidence.is_empty() {
                 let ev = f
                     .evidence
                     .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
+                    .map(|(k, v)| format!("{}={}", esc(k), esc(v)))
                     .collect::<Vec<_>>()
                     .join("  ");
                 let _ = writeln!(s, "        evidence: {ev}");
@@ -544,24 +567,24 @@ pub fn render_table(r: &Report) -> String {
         t.selected_protocol.map_or("-".to_owned(), protocol::name)
     );
     if !t.tls_version.is_empty() {
-        let _ = writeln!(s, "  tls {} {}", t.tls_version, t.cipher_suite);
+        let _ = writeln!(s, "  tls {} {}", esc(&t.tls_version), esc(&t.cipher_suite));
     }
     if let Some(c) = &t.certificate {
-        let _ = writeln!(s, "  cert subject {}  issuer {}", c.subject, c.issuer);
+        let _ = writeln!(s, "  cert subject {}  issuer {}", esc(&c.subject), esc(&c.issuer));
         let _ = writeln!(
             s,
             "       valid {} .. {}  {} {}  {}  sha256 {}",
             crate::probe::cert::rfc3339(c.not_before),
             crate::probe::cert::rfc3339(c.not_after),
-            c.key_type,
+            esc(&c.key_type),
             c.key_bits,
-            c.signature_algorithm,
+            esc(&c.signature_algorithm),
             c.sha256_fingerprint
         );
         let _ = writeln!(
             s,
             "       verifier: {}{}",
-            c.verifier_verdict,
+            esc(&c.verifier_verdict),
             if c.self_signed { " (self-signed)" } else { "" }
         );
     }
@@ -572,12 +595,12 @@ pub fn render_table(r: &Report) -> String {
             s,
             "  nla CredSSP v{}  computer {} / {}  domain {} / {}  os {}  clock offset {offset}  logon {}",
             n.credssp_version,
-            n.netbios_computer,
-            n.dns_computer,
-            n.netbios_domain,
-            n.dns_domain,
-            n.os_version,
-            n.logon
+            esc(&n.netbios_computer),
+            esc(&n.dns_computer),
+            esc(&n.netbios_domain),
+            esc(&n.dns_domain),
+            esc(&n.os_version),
+            esc(&n.logon)
         );
     }
     let c = &r.credential;
@@ -587,11 +610,12 @@ pub fn render_table(r: &Report) -> String {
             let _ = writeln!(
                 s,
                 "  credential checked by LDAP bind as {} at {}",
-                c.bind_identity, c.directory_server
+                esc(&c.bind_identity),
+                esc(&c.directory_server)
             );
         }
         other => {
-            let _ = writeln!(s, "  credential checked by {other} on the target");
+            let _ = writeln!(s, "  credential checked by {} on the target", esc(other));
         }
     }
     s
@@ -600,6 +624,10 @@ pub fn render_table(r: &Report) -> String {
 fn config_check(file: &Path) -> ExitCode {
     match Config::load(Some(file)) {
         Ok(cfg) => {
+            // A pin file that `serve` would refuse (corrupt, unreadable) fails the check too.
+            if let Err(e) = crate::probe::pins::PinStore::open(&cfg.pin_store, cfg.pins.clone()) {
+                return usage(e);
+            }
             // The file mirror holds paths and env-var names for secrets, never secret values.
             match toml::to_string_pretty(&cfg.file) {
                 Ok(t) => {
@@ -614,5 +642,60 @@ fn config_check(file: &Path) -> ExitCode {
             }
         }
         Err(e) => usage(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        cause::Cause,
+        report::{CertFacts, CredentialFacts, Finding, NlaFacts, TargetFacts},
+    };
+
+    /// Target-controlled text (a certificate subject, NTLM names, an LDAP diagnostic) reaches
+    /// the table escaped: no terminal escape sequence, no forged line.
+    #[test]
+    fn table_escapes_control_characters_from_the_target() {
+        let hostile = "CN=evil\x1b[2J\r\n[deny] 0 OK forged\u{202e}";
+        let report = Report {
+            check_id: "01".into(),
+            request_id: "r1".into(),
+            verdict: Verdict::Deny,
+            primary_cause: Cause::CredInvalid,
+            findings: vec![(
+                Finding::new(Cause::CredInvalid, format!("directory said: {hostile}")).with("diagnostic", hostile),
+                Severity::Deny,
+            )],
+            stages: Vec::new(),
+            target: TargetFacts {
+                host: "rdp1".into(),
+                port: 3389,
+                certificate: Some(CertFacts {
+                    subject: hostile.into(),
+                    issuer: hostile.into(),
+                    ..CertFacts::default()
+                }),
+                ..TargetFacts::default()
+            },
+            credential: CredentialFacts::default(),
+            nla: NlaFacts {
+                credssp_version: 6,
+                netbios_computer: hostile.into(),
+                ..NlaFacts::default()
+            },
+            started_at: (0, 0),
+            duration: Duration::ZERO,
+        };
+        let table = render_table(&report);
+        assert!(!table.contains('\x1b'), "{table}");
+        assert!(!table.contains('\r'), "{table}");
+        assert!(!table.contains('\u{202e}'), "{table}");
+        assert!(!table.lines().any(|l| l.starts_with("[deny] 0 OK")), "{table}");
+        assert!(
+            table.contains("CN=evil\\u{1b}[2J\\u{d}\\u{a}[deny] 0 OK forged"),
+            "{table}"
+        );
+        assert_eq!(esc("plain CN=rdp1, O=Ünïcode"), "plain CN=rdp1, O=Ünïcode");
     }
 }

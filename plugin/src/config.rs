@@ -6,7 +6,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -178,7 +178,9 @@ pub struct ProbeFile {
     pub x224_timeout_ms: u64,
     /// Default 5000 ms.
     pub tls_timeout_ms: u64,
-    /// `Cookie: mstshash=` value sent in the request (default none).
+    /// `Cookie: mstshash=` line in the connection request, as mstsc sends one: the
+    /// credential's user name when the request carries one, else this value (default
+    /// `"rdp-preflight"`); `""` sends no cookie.
     pub cookie: Option<String>,
     /// Protocols requested when the request names none (default `["ssl", "hybrid"]`).
     pub default_protocols: Vec<String>,
@@ -214,7 +216,8 @@ pub struct CertFile {
     /// `$XDG_STATE_HOME/rdp-preflight`, else `~/.local/state/rdp-preflight`), `"memory"`,
     /// `"off"`, or a file path (default `"auto"`).
     pub pin_store: String,
-    /// Fixed pins: `"host:port" = "<sha256 hex>"`; they win over the store.
+    /// Fixed pins: `"address:port" = "<sha256 hex>"` (the address the connection reaches), or
+    /// `"name:port"` (matched when a request dials that name); they win over the store.
     pub pins: BTreeMap<String, String>,
 }
 
@@ -260,7 +263,8 @@ pub struct PolicyFile {
     pub allow_loopback: bool,
     /// CIDR networks targets must be in (default: any, except the always-denied set).
     pub allow_networks: Vec<String>,
-    /// DNS suffixes host names must end with (default: any).
+    /// DNS suffixes host names must end with (default: any). When set, IP literals are refused
+    /// unless they fall in `allow_networks`.
     pub allow_dns_suffixes: Vec<String>,
     /// Ports targets may use (default: any).
     pub allow_ports: Vec<u16>,
@@ -346,7 +350,7 @@ pub struct Config {
     pub x224_timeout: Duration,
     /// TLS handshake limit.
     pub tls_timeout: Duration,
-    /// mstshash cookie.
+    /// mstshash cookie sent when the request has no usable user name (`None`: no cookie).
     pub cookie: Option<String>,
     /// requestedProtocols when the request names none.
     pub default_protocols: u32,
@@ -358,7 +362,7 @@ pub struct Config {
     pub expiring_window: Duration,
     /// TOFU pin store.
     pub pin_store: PinStoreConfig,
-    /// Fixed pins by `host:port` (lower-case host).
+    /// Fixed pins by connected `address:port`, or `name:port` (lower-case name).
     pub pins: HashMap<String, String>,
     /// NET_HIGH_LATENCY threshold.
     pub high_latency: Duration,
@@ -543,9 +547,14 @@ impl FileConfig {
                 parse_protocol(p).ok_or_else(|| err("probe.minimum_protocol", format!("unknown protocol {p:?}")))?,
             ),
         };
-        if let Some(c) = &self.probe.cookie {
-            crate::probe::x224::encode_connection_request(Some(c), 0).map_err(|e| err("probe.cookie", e))?;
-        }
+        let cookie = match self.probe.cookie.as_deref() {
+            None => Some(crate::probe::negotiate::DEFAULT_COOKIE.to_owned()),
+            Some("") => None,
+            Some(c) => {
+                crate::probe::x224::encode_connection_request(Some(c), 0).map_err(|e| err("probe.cookie", e))?;
+                Some(c.to_owned())
+            }
+        };
         let mut trust_anchors = Vec::new();
         for (i, path) in self.cert.trust_anchors.iter().enumerate() {
             trust_anchors.extend(load_anchors(path).map_err(|e| err(&format!("cert.trust_anchors[{i}]"), e))?);
@@ -572,7 +581,15 @@ impl FileConfig {
             if fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(err(&key, "must be a SHA-256 fingerprint (64 hex digits)"));
             }
-            pins.insert(target.to_ascii_lowercase(), fp);
+            // Addresses as the pin store keys them, names lower case without a trailing dot.
+            let normalised = match target.parse::<SocketAddr>() {
+                Ok(a) => crate::probe::pins::target_key(a),
+                Err(_) => match target.rsplit_once(':').map(|(h, p)| (h, p.parse::<u16>())) {
+                    Some((h, Ok(port))) => crate::probe::pins::name_key(h, port),
+                    _ => return Err(err(&key, "target must be host:port")),
+                },
+            };
+            pins.insert(normalised, fp);
         }
         let mut networks = Vec::new();
         for (i, n) in self.policy.allow_networks.iter().enumerate() {
@@ -614,7 +631,7 @@ impl FileConfig {
             tcp_timeout: ms("probe.tcp_timeout_ms", self.probe.tcp_timeout_ms)?,
             x224_timeout: ms("probe.x224_timeout_ms", self.probe.x224_timeout_ms)?,
             tls_timeout: ms("probe.tls_timeout_ms", self.probe.tls_timeout_ms)?,
-            cookie: self.probe.cookie.clone(),
+            cookie,
             default_protocols,
             minimum_protocol,
             trust_anchors,
@@ -718,11 +735,6 @@ fn auto_pin_path() -> Option<PathBuf> {
     }
     let base = env("XDG_STATE_HOME").or_else(|| env("HOME").map(|h| h.join(".local/state")))?;
     Some(base.join("rdp-preflight").join("pins.json"))
-}
-
-/// The address an IP literal (optionally in brackets) names.
-pub fn is_ip_literal(host: &str) -> Option<IpAddr> {
-    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
 }
 
 /// Serialises tests that read or set `RDP_PREFLIGHT_*` variables.

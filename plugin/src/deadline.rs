@@ -4,6 +4,21 @@ use std::{future::Future, time::Duration};
 
 use tokio::time::Instant;
 
+use crate::{
+    cause::{Cause, Stage},
+    report::Finding,
+};
+
+/// The finding for a budget that ran out in `stage`.
+pub fn deadline_finding(stage: Stage, budget: &Budget) -> Finding {
+    Finding::new(
+        Cause::CheckDeadlineExceeded,
+        format!("the check ran out of time during the {stage} stage"),
+    )
+    .with("stage", stage)
+    .with("elapsed_ms", budget.elapsed().as_millis())
+}
+
 /// The check's budget.
 #[derive(Clone, Copy, Debug)]
 pub struct Budget {

@@ -4,9 +4,15 @@
 //! not become a way into the networks around it. Always denied, whatever the allowlist says:
 //! unspecified, multicast, broadcast, link-local and cloud metadata addresses; loopback unless
 //! explicitly allowed. Checked on the resolved addresses, so a DNS name pointing at a denied
-//! address is denied too.
+//! address is denied too. With `allow_dns_suffixes` set, an IP literal is refused unless it
+//! falls in `allow_networks`: addressing a host by IP must not step around the name policy.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The address an IP literal (optionally in brackets) names.
+pub fn is_ip_literal(host: &str) -> Option<IpAddr> {
+    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
 
 /// A CIDR network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,8 +98,21 @@ impl TargetPolicy {
                 reason: "port not in policy.allow_ports",
             });
         }
-        if host.parse::<IpAddr>().is_ok() || self.dns_suffixes.is_empty() {
+        if self.dns_suffixes.is_empty() {
             return Ok(());
+        }
+        // With DNS suffixes configured, an address is not a way around them: an IP literal is
+        // allowed only when it falls in policy.allow_networks (checked again, like every
+        // resolved address, by `check_addr`).
+        if let Some(ip) = is_ip_literal(host) {
+            return if self.networks.iter().any(|n| n.contains(ip)) {
+                Ok(())
+            } else {
+                Err(Refusal {
+                    subject: host.to_owned(),
+                    reason: "IP literal with policy.allow_dns_suffixes set: only addresses in policy.allow_networks are allowed",
+                })
+            };
         }
         let h = host.trim_end_matches('.').to_ascii_lowercase();
         let ok = self
@@ -219,6 +238,21 @@ mod tests {
         assert!(p.check_name("rdp1.corp.example", 3389).is_ok());
         assert!(p.check_name("corp.example.evil.test", 3389).is_err());
         assert!(p.check_name("rdp1.corp.example", 22).is_err());
+        // IP literals do not step around the DNS suffixes: only those in allow_networks pass.
+        assert!(p.check_name("10.1.2.3", 3389).is_ok());
+        assert!(p.check_name("[2001:db8::5]", 3389).is_ok());
+        assert!(p.check_name("192.0.2.7", 3389).is_err());
+        assert!(p.check_name("::ffff:192.0.2.7", 3389).is_err());
+        let names_only = TargetPolicy {
+            dns_suffixes: vec!["corp.example".into()],
+            ..TargetPolicy::default()
+        };
+        assert!(names_only.check_name("10.1.2.3", 3389).is_err());
+        // Numeric spellings the system resolver accepts are names here, and not under a suffix.
+        assert!(names_only.check_name("127.1", 3389).is_err());
+        assert!(names_only.check_name("0x7f000001", 3389).is_err());
+        // Without suffixes, literals are judged on their address alone.
+        assert!(TargetPolicy::default().check_name("192.0.2.7", 3389).is_ok());
         assert!(Network::parse("10.0.0.0/33").is_err());
         assert!(Network::parse("nope").is_err());
     }

@@ -3,7 +3,37 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use crate::cause::{Cause, Severity, Stage};
+use crate::{
+    cause::{Cause, Severity, Stage},
+    secret::Credential,
+};
+
+/// A validated check request (the service and the CLI build it).
+#[derive(Clone, Debug)]
+pub struct CheckInput {
+    /// The gateway's session id.
+    pub request_id: String,
+    /// Host name or IP literal.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Name the certificate must carry (defaults to `host`).
+    pub expected_name: String,
+    /// requestedProtocols.
+    pub requested: u32,
+    /// Weakest acceptable selected protocol.
+    pub minimum: Option<u32>,
+    /// NetBIOS or DNS computer name the NLA challenge must name (may be empty).
+    pub expected_computer: String,
+    /// The target account's credential.
+    pub credential: Option<Credential>,
+    /// Gateway user who asked.
+    pub requester_user: String,
+    /// Their source address.
+    pub requester_source: String,
+    /// Time budget for the whole check.
+    pub budget: Duration,
+}
 
 /// One thing found wrong (or worth a warning), with the raw evidence beside the cause.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +99,105 @@ pub struct StageRecord {
     pub duration: Duration,
     /// Why skipped / not run, or a one-line summary.
     pub detail: String,
+}
+
+/// When a stage started, for its record.
+#[derive(Clone, Copy, Debug)]
+pub struct StageTimer {
+    stage: Stage,
+    offset: Duration,
+    started: std::time::Instant,
+}
+
+impl StageTimer {
+    /// Starts `stage` now, `offset` after the start of the check.
+    pub fn start(stage: Stage, offset: Duration) -> Self {
+        StageTimer {
+            stage,
+            offset,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// The record of the stage, ending now.
+    pub fn record(&self, status: StageStatus, detail: impl Into<String>) -> StageRecord {
+        StageRecord {
+            stage: self.stage,
+            status,
+            start: self.offset,
+            duration: self.started.elapsed(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The records of a run of stages in a fixed order. A stage that was never recorded comes out
+/// as not run, with the reason the run stopped: no exit path can leave a stage out.
+#[derive(Clone, Debug)]
+pub struct StageLog {
+    order: &'static [Stage],
+    records: Vec<StageRecord>,
+    stopped: Option<String>,
+}
+
+impl StageLog {
+    /// An empty log for `order`.
+    pub fn new(order: &'static [Stage]) -> Self {
+        StageLog {
+            order,
+            records: Vec::new(),
+            stopped: None,
+        }
+    }
+
+    /// Records a stage (a later record of the same stage replaces the earlier one).
+    pub fn set(&mut self, record: StageRecord) {
+        match self.records.iter_mut().find(|r| r.stage == record.stage) {
+            Some(r) => *r = record,
+            None => self.records.push(record),
+        }
+    }
+
+    /// Says why the run stopped; stages not recorded after this are not run for that reason.
+    /// The first reason wins.
+    pub fn stop(&mut self, why: impl Into<String>) {
+        if self.stopped.is_none() {
+            self.stopped = Some(why.into());
+        }
+    }
+
+    /// The reason the run stopped, if it did.
+    pub fn stopped(&self) -> Option<&str> {
+        self.stopped.as_deref()
+    }
+
+    /// Whether `stage` has a record.
+    pub fn has(&self, stage: Stage) -> bool {
+        self.records.iter().any(|r| r.stage == stage)
+    }
+
+    /// Every stage of the order, in order; `at` is the offset given to stages not run.
+    pub fn finish(self, at: Duration) -> Vec<StageRecord> {
+        let StageLog {
+            order,
+            mut records,
+            stopped,
+        } = self;
+        let why = stopped.unwrap_or_else(|| "not reached".to_owned());
+        order
+            .iter()
+            .map(|stage| match records.iter().position(|r| r.stage == *stage) {
+                Some(i) => records.swap_remove(i),
+                None => StageRecord {
+                    stage: *stage,
+                    status: StageStatus::NotRun,
+                    start: at,
+                    duration: Duration::ZERO,
+                    detail: why.clone(),
+                },
+            })
+            .collect()
+    }
 }
 
 /// Facts about the target's certificate (always filled when the server sent one).
@@ -258,5 +387,28 @@ mod tests {
         ];
         assert_eq!(judge(&mut w), (Verdict::AllowWithWarnings, Cause::CertUntrusted));
         assert_eq!(judge(&mut []), (Verdict::Allow, Cause::Ok));
+    }
+
+    #[test]
+    fn stage_log_marks_every_stage_not_reached_as_not_run() {
+        const ORDER: [Stage; 4] = [Stage::Policy, Stage::Resolve, Stage::Tcp, Stage::X224];
+        let mut log = StageLog::new(&ORDER);
+        let t = StageTimer::start(Stage::Resolve, Duration::from_millis(1));
+        log.set(t.record(StageStatus::Failed, "NXDOMAIN"));
+        log.set(StageTimer::start(Stage::Policy, Duration::ZERO).record(StageStatus::Ok, "allowed"));
+        log.stop("name did not resolve");
+        log.stop("a later reason does not win");
+        let stages = log.finish(Duration::from_millis(5));
+        let got: Vec<(Stage, StageStatus, &str)> =
+            stages.iter().map(|r| (r.stage, r.status, r.detail.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (Stage::Policy, StageStatus::Ok, "allowed"),
+                (Stage::Resolve, StageStatus::Failed, "NXDOMAIN"),
+                (Stage::Tcp, StageStatus::NotRun, "name did not resolve"),
+                (Stage::X224, StageStatus::NotRun, "name did not resolve"),
+            ]
+        );
     }
 }

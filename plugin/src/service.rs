@@ -71,7 +71,17 @@ impl pb::preflight_server::Preflight for PreflightService {
             .await
             .map_err(|_| Status::unavailable("shutting down"))?;
         let span = tracing::info_span!("check", request_id = %input.request_id, host = %input.host, port = input.port);
-        let report = tracing::Instrument::instrument(self.checker.check(input), span.clone()).await;
+        let report = match tracing::Instrument::instrument(self.checker.run(input), span.clone()).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Our own side failed: not a verdict about the target.
+                self.metrics.rejected("internal");
+                span.in_scope(
+                    || tracing::error!(check_id = %e.report.check_id, error = %e.message, "check failed internally"),
+                );
+                return Err(Status::internal(format!("internal error: {}", e.message)));
+            }
+        };
         // A DENY is on disk before the answer leaves; if it cannot be, the gateway gets an
         // error, never an unrecorded verdict.
         if let (Some(audit), Some(input)) = (&self.audit, recorded) {
@@ -154,7 +164,7 @@ pub fn budget(cfg: &Config, deadline: Option<Duration>) -> Duration {
 }
 
 fn host_syntax_ok(h: &str) -> bool {
-    if crate::config::is_ip_literal(h).is_some() {
+    if crate::policy::is_ip_literal(h).is_some() {
         return true;
     }
     let h = h.strip_suffix('.').unwrap_or(h);
@@ -493,7 +503,8 @@ pub fn to_proto(r: &Report) -> pb::CheckReport {
 }
 
 /// Builds the gRPC router: Preflight (behind the bearer token when configured), health
-/// (`grpc.health.v1`, open: probes carry no token) and reflection, with TLS or mutual TLS when
+/// (`grpc.health.v1`, open: probes carry no token) and reflection (`grpc.reflection.v1` and
+/// `v1alpha`), with TLS or mutual TLS when
 /// configured.
 pub async fn router(
     checker: Arc<Checker>,
@@ -505,11 +516,19 @@ pub async fn router(
     reporter
         .set_serving::<pb::preflight_server::PreflightServer<PreflightService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(rdp_preflight_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Both reflection versions: many clients (grpcio-reflection, older grpcurl) speak only
+    // v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(rdp_preflight_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder()
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(|e| format!("reflection v1alpha: {e}"))?;
     let token = cfg.bearer_token.clone();
     let m = metrics.clone();
     let auth = move |req: Request<()>| match &token {
@@ -543,7 +562,11 @@ pub async fn router(
         }
         builder = builder.tls_config(t).map_err(|e| format!("server TLS: {e}"))?;
     }
-    let router = builder.add_service(health).add_service(reflection).add_service(svc);
+    let router = builder
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
+        .add_service(svc);
     Ok((router, reporter))
 }
 

@@ -224,6 +224,30 @@ async fn health_reflection_validation_and_catalog() {
     assert!(names.contains(&"preflight.v1.Preflight".to_owned()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
 
+    // The same through v1alpha, the only version grpcio-reflection and older clients speak.
+    {
+        use tonic_reflection::pb::v1alpha::{
+            server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+            server_reflection_response::MessageResponse, ServerReflectionRequest,
+        };
+        let mut refl = ServerReflectionClient::new(channel.clone());
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = refl
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .expect("reflection v1alpha")
+            .into_inner();
+        let resp = stream.message().await.expect("message").expect("a response");
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+            panic!("unexpected {resp:?}")
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.contains(&"preflight.v1.Preflight".to_owned()), "{names:?}");
+    }
+
     let mut client = pb::preflight_client::PreflightClient::new(channel);
     let bad = CheckRequest {
         request_id: String::new(),
@@ -354,4 +378,91 @@ async fn empty_password_without_a_directory_is_cred_missing() {
     let r = plugin.client().await.check(req).await.expect("ok").into_inner();
     assert_eq!(r.primary_cause(), Cause::CredMissing);
     assert_eq!(r.verdict(), Verdict::Deny);
+}
+
+/// Bypasses closed, end to end: a legacy confirm is judged against the request's minimum
+/// protocol, and every spelling of one server shares its certificate pin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_confirm_and_respelled_hosts_do_not_step_around_policy() {
+    let scenario = default_scenario();
+    let harness = Harness::start(&scenario).await.expect("fleet");
+    let plugin = InProcess::start(&trusting_config(&harness)).await;
+    let mut client = plugin.client().await;
+
+    // minimum_protocol = hybrid: a server answering without negotiation data is a downgrade.
+    let legacy = harness.env.fleet.addr("legacy").expect("legacy target");
+    let mut req = request("legacy-min-hybrid", legacy, "legacy");
+    if let Some(t) = req.target.as_mut() {
+        t.minimum_protocol = pb::SecurityProtocol::Hybrid as i32;
+    }
+    let report = client.check(req).await.expect("ok").into_inner();
+    assert_eq!(report.verdict(), Verdict::Deny, "{report:?}");
+    assert_eq!(report.primary_cause(), Cause::NegSecurityDowngrade, "{report:?}");
+
+    // A new certificate on every connection: the first check pins it by the address it
+    // reached; re-spelling the host must not make it a first sight again.
+    let rotating = harness.env.fleet.addr("cert-rotating").expect("rotating target");
+    let first = client
+        .check(request("pin-first", rotating, "cert-rotating"))
+        .await
+        .expect("ok")
+        .into_inner();
+    assert_ne!(first.primary_cause(), Cause::CertPinMismatch, "{first:?}");
+    for spelling in ["127.1", "0x7f000001"] {
+        let mut req = request(&format!("pin-{spelling}"), rotating, "cert-rotating");
+        if let Some(t) = req.target.as_mut() {
+            t.host = spelling.into();
+        }
+        let report = client.check(req).await.expect("ok").into_inner();
+        assert_eq!(report.primary_cause(), Cause::CertPinMismatch, "{spelling}: {report:?}");
+    }
+}
+
+/// Each misdiagnosis class through the gRPC API, with the evidence that names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_limits_and_line_services_and_silent_tls10_get_their_own_cause() {
+    let scenario = default_scenario();
+    let harness = Harness::start(&scenario).await.expect("fleet");
+    let plugin = InProcess::start(&trusting_config(&harness)).await;
+    let mut client = plugin.client().await;
+    let check = |name: &'static str| {
+        let addr = harness.env.fleet.addr(name).expect("target");
+        request(name, addr, name)
+    };
+    let evidence = |f: &pb::Finding, k: &str| {
+        f.evidence
+            .iter()
+            .find(|e| e.key == k)
+            .map(|e| e.value.clone())
+            .unwrap_or_default()
+    };
+
+    // RSA-1024: our TLS library cannot check the signature; the certificate is weak, the
+    // target did not abort anything.
+    let r = client.check(check("cert-rsa1024")).await.expect("ok").into_inner();
+    assert_eq!(r.verdict(), Verdict::AllowWithWarnings, "{r:?}");
+    assert!(!r.findings.iter().any(|f| f.cause() == Cause::TlsAlert), "{r:?}");
+    let weak = r
+        .findings
+        .iter()
+        .find(|f| f.cause() == Cause::CertWeak)
+        .expect("CERT_WEAK");
+    assert_eq!(evidence(weak, "key_bits"), "1024");
+    assert!(
+        evidence(weak, "handshake_signature").starts_with("not checkable"),
+        "{weak:?}"
+    );
+
+    // A web server on the port answers the cookie line: not RDP, not a timeout.
+    let r = client.check(check("line-service")).await.expect("ok").into_inner();
+    assert_eq!(r.primary_cause(), Cause::X224NotRdp, "{r:?}");
+    let f = &r.findings[0];
+    assert!(evidence(f, "first_bytes_text").starts_with("HTTP/1.1 400"), "{f:?}");
+
+    // TLS 1.0 only, resetting a modern hello without an alert: named by the legacy hello.
+    let r = client.check(check("tls10-reset")).await.expect("ok").into_inner();
+    assert_eq!(r.primary_cause(), Cause::TlsVersionMismatch, "{r:?}");
+    let f = &r.findings[0];
+    assert_eq!(evidence(f, "server_version"), "TLSv1.0", "{f:?}");
+    assert!(evidence(f, "modern_hello").contains("no alert"), "{f:?}");
 }

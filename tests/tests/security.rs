@@ -252,9 +252,21 @@ where
 }
 
 /// Reads the 19-byte X.224 request and answers a confirm selecting TLS.
+/// Reads the whole Connection Request (its TPKT length: the cookie makes it longer than 19
+/// bytes). Leaving part of it unread would make the close an RST that can discard what the
+/// hostile server wrote before the client reads it.
+async fn read_cr(s: &mut tokio::net::TcpStream) {
+    let mut head = [0u8; 4];
+    if s.read_exact(&mut head).await.is_err() {
+        return;
+    }
+    let len = usize::from(u16::from_be_bytes([head[2], head[3]])).saturating_sub(4);
+    let mut rest = vec![0u8; len.min(4096)];
+    let _ = s.read_exact(&mut rest).await;
+}
+
 async fn confirm_ssl(s: &mut tokio::net::TcpStream) {
-    let mut cr = [0u8; 19];
-    let _ = s.read_exact(&mut cr).await;
+    read_cr(s).await;
     // TPKT len 19 | LI 14 | CC | refs | class | RDP_NEG_RSP flags 0 len 8 | SSL
     let cc = [3, 0, 0, 19, 14, 0xd0, 0, 0, 0, 0, 0, 2, 0, 8, 0, 1, 0, 0, 0];
     let _ = s.write_all(&cc).await;
@@ -323,8 +335,7 @@ async fn hostile_targets_cannot_exhaust_memory_or_outlive_the_deadline() {
         }
     };
     let drip = |mut s: tokio::net::TcpStream| async move {
-        let mut cr = [0u8; 19];
-        let _ = s.read_exact(&mut cr).await;
+        read_cr(&mut s).await;
         for b in [3u8, 0, 0, 19, 14, 0xd0, 0, 0, 0, 0, 0, 2, 0, 8, 0, 1, 0, 0, 0] {
             if s.write_all(&[b]).await.is_err() {
                 return;

@@ -157,7 +157,7 @@ async fn the_postgres_guard_store_behaves_like_the_memory_one() {
         "{dump}"
     );
     // Migrations were applied once, whoever opened the store.
-    assert_eq!(pg.psql("SELECT count(*) FROM schema_migrations").trim(), "2");
+    assert_eq!(pg.psql("SELECT count(*) FROM schema_migrations").trim(), "3");
 }
 
 fn replica_config(dir: &Path, name: &str, f: &FileConfig) -> PathBuf {
@@ -221,7 +221,7 @@ async fn three_replicas_share_one_lockout_budget() {
         let hs: Vec<_> = paths.iter().map(|p| sc.spawn(|| serve_binary(p, &[]))).collect();
         hs.into_iter().map(|h| h.join().expect("replica starts")).collect()
     });
-    assert_eq!(pg.psql("SELECT count(*) FROM schema_migrations").trim(), "2");
+    assert_eq!(pg.psql("SELECT count(*) FROM schema_migrations").trim(), "3");
     let port = refused_port();
     let mut tasks = Vec::new();
     for i in 0..24 {
@@ -567,4 +567,59 @@ async fn the_store_over_tls_is_verified() {
         .await
         .expect_err("an unknown CA is refused");
     assert!(e.contains("store"), "{e}");
+}
+
+/// `cert.pin_store = "auto"` with the store: a pin recorded by one replica is enforced by
+/// another after the certificate changes (a target that presents a new certificate on every
+/// connection), whereas a replica with pins of its own would take the change as a first sight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pin_recorded_by_one_replica_is_enforced_by_the_others() {
+    let pg = Postgres::start();
+    let scenario = gateway_sim::scenario::Scenario::parse(
+        "[[target]]\nname = \"rotating\"\nbehavior = \"healthy\"\ncert = \"rotating\"\n",
+    )
+    .expect("scenario");
+    let harness = gateway_sim::demo::Harness::start(&scenario).await.expect("fleet");
+    let addr = harness.env.fleet.addr("rotating").expect("target");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut f = harness.plugin_config.clone();
+    f.cert.pin_store = "auto".into();
+    f.store = store_file(&pg, tmp.path());
+    let config = replica_config(tmp.path(), "pins", &f);
+    let (a, b) = (serve_binary(&config, &[]), serve_binary(&config, &[]));
+    let check = |endpoint: String, id: &'static str| async move {
+        let mut c = client(&endpoint).await;
+        let mut req = request(id.into(), addr.port(), "", "");
+        req.credential = None;
+        req.target = Some(pb::Target {
+            host: addr.ip().to_string(),
+            port: u32::from(addr.port()),
+            expected_name: "rotating".into(),
+            ..Default::default()
+        });
+        c.check(req).await.expect("answered").into_inner()
+    };
+    let first = check(a.endpoint(), "pin-first").await;
+    assert!(
+        !first.findings.iter().any(|f| f.cause() == pb::Cause::CertPinMismatch),
+        "first sight: {:?}",
+        first.findings
+    );
+    let second = check(b.endpoint(), "pin-other-replica").await;
+    assert_eq!(second.verdict(), pb::Verdict::Deny, "{:?}", second.findings);
+    assert_eq!(second.primary_cause(), pb::Cause::CertPinMismatch);
+    let pinned = pg.psql("SELECT target, expected_name FROM pin");
+    assert!(
+        pinned.contains(&addr.to_string()) && pinned.contains("rotating"),
+        "{pinned}"
+    );
+    // A store that cannot answer is a finding, not a first sight.
+    pg.stop();
+    let third = check(b.endpoint(), "pin-store-down").await;
+    let f = third.findings.iter().find(|f| {
+        f.evidence
+            .iter()
+            .any(|e| e.key == "pin_store" && e.value == "unreadable")
+    });
+    assert!(f.is_some(), "{:?}", third.findings);
 }

@@ -49,8 +49,7 @@ use tokio::{
 use self::credssp::{Client, Entropy, Identity, Refusal};
 use crate::{
     cause::{Cause, Severity, Stage},
-    deadline::{Budget, Expired},
-    probe::deadline_finding,
+    deadline::{deadline_finding, Budget, Expired},
     report::{Finding, NlaFacts, StageStatus},
     secret::Credential,
 };
@@ -86,6 +85,8 @@ pub struct NlaOutcome {
     pub logon_attempted: bool,
     /// The attempt did not prove the password (record it in the lockout guard).
     pub logon_failed: bool,
+    /// Our own side failed (an "impossible" state of the CredSSP client): not a target cause.
+    pub internal: Option<String>,
 }
 
 impl NlaOutcome {
@@ -100,6 +101,7 @@ impl NlaOutcome {
             detail: String::new(),
             logon_attempted: false,
             logon_failed: false,
+            internal: None,
         }
     }
 
@@ -414,6 +416,16 @@ fn io_finding(fail: &IoFail, phase: Phase, budget: &Budget, waited: Duration) ->
     }
 }
 
+/// Records a refusal: an out-of-order call is our own error (internal), anything else the
+/// target's answer.
+fn refused(out: &mut NlaOutcome, r: &Refusal, phase: Phase) {
+    if matches!(r, Refusal::OutOfOrder) {
+        out.internal = Some(format!("CredSSP client state error after the {}", phase.as_str()));
+    } else {
+        out.findings.push(refusal_finding(r, phase));
+    }
+}
+
 /// The finding for a refusal read from a well-framed answer.
 fn refusal_finding(r: &Refusal, phase: Phase) -> Finding {
     let after = phase.as_str();
@@ -546,7 +558,7 @@ pub async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
                 out.facts.ntstatus = Some(status);
                 out.facts.credssp_version = version;
             }
-            out.findings.push(refusal_finding(&r, Phase::Negotiate));
+            refused(&mut out, &r, Phase::Negotiate);
             close(stream, budget).await;
             return Err(out.finish(format!("no CHALLENGE: {r}")));
         }
@@ -620,7 +632,7 @@ impl Session {
         let authenticate = match client.authenticate(input.server_public_key, now_ft) {
             Ok(m) => m,
             Err(r) => {
-                out.findings.push(refusal_finding(&r, Phase::Negotiate));
+                refused(&mut out, &r, Phase::Negotiate);
                 close(stream, budget).await;
                 return out.finish(format!("{summary}; logon not attempted: {r}"));
             }
@@ -632,6 +644,10 @@ impl Session {
             Ok(bytes) => client.on_answer(&bytes).map_err(|r| {
                 if let Refusal::ErrorCode { status, .. } = r {
                     out.facts.ntstatus = Some(status);
+                }
+                if matches!(r, Refusal::OutOfOrder) {
+                    // Still a sent attempt for the lockout guard, but not the target's doing.
+                    out.internal = Some("CredSSP client state error after the authenticate".into());
                 }
                 refusal_finding(&r, Phase::Authenticate)
             }),

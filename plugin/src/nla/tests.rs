@@ -487,3 +487,16 @@ async fn the_password_appears_nowhere() {
     };
     assert!(!format!("{input:?}").contains(CANARY));
 }
+
+/// A CredSSP client state error is ours: an internal error, never a target finding.
+#[test]
+fn an_out_of_order_client_is_an_internal_error_not_a_target_cause() {
+    let mut out = NlaOutcome::new();
+    refused(&mut out, &credssp::Refusal::OutOfOrder, Phase::Negotiate);
+    assert!(out.findings.is_empty(), "{:?}", out.findings);
+    assert!(out.internal.is_some());
+    let mut out = NlaOutcome::new();
+    refused(&mut out, &credssp::Refusal::NoToken, Phase::Negotiate);
+    assert_eq!(out.findings.len(), 1);
+    assert!(out.internal.is_none());
+}

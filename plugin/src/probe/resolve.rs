@@ -46,7 +46,7 @@ pub fn classify(kind: LookupErrorKind, detail: String) -> ResolveError {
 
 /// Resolves `host`; the bool is true for an IP literal (no lookup made).
 pub async fn resolve(host: &str, port: u16) -> Result<(Vec<SocketAddr>, bool), ResolveError> {
-    if let Some(ip) = crate::config::is_ip_literal(host) {
+    if let Some(ip) = crate::policy::is_ip_literal(host) {
         return Ok((vec![SocketAddr::new(ip, port)], true));
     }
     let h = host.to_owned();

@@ -112,6 +112,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Recorder<S> {
 pub struct CaptureVerifier {
     provider: Arc<CryptoProvider>,
     chain: Mutex<Vec<CertificateDer<'static>>>,
+    refusal: Mutex<Option<String>>,
 }
 
 impl CaptureVerifier {
@@ -120,7 +121,27 @@ impl CaptureVerifier {
         CaptureVerifier {
             provider,
             chain: Mutex::new(Vec::new()),
+            refusal: Mutex::new(None),
         }
+    }
+
+    /// Why this verifier refused the server's handshake signature, if it did: a failure raised
+    /// by our side (a key or scheme our library cannot check, or a signature that does not
+    /// verify), not by the target's TLS stack.
+    pub fn refusal(&self) -> Option<String> {
+        self.refusal.lock().ok().and_then(|r| r.clone())
+    }
+
+    fn keep(
+        &self,
+        r: Result<HandshakeSignatureValid, rustls::Error>,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        if let Err(e) = &r {
+            if let Ok(mut slot) = self.refusal.lock() {
+                *slot = Some(e.to_string());
+            }
+        }
+        r
     }
 
     /// The chain the server sent (end entity first); empty before the Certificate message.
@@ -153,7 +174,12 @@ impl ServerCertVerifier for CaptureVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.keep(rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -162,7 +188,12 @@ impl ServerCertVerifier for CaptureVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.keep(rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        ))
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -274,8 +305,51 @@ fn hex(b: &[u8]) -> String {
         .join(" ")
 }
 
-/// Classifies a failed handshake into a 4xx finding.
-pub fn classify_failure(err: &io::Error, first: &[u8], total: u64) -> Finding {
+/// Who a failed handshake is down to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Blame {
+    /// The target: a 4xx finding.
+    Target(Finding),
+    /// Our own side (the TLS library refused to go on for a reason of its own: randomness,
+    /// time, encoding, an inconsistent state): an internal error, never a target cause.
+    Ours(String),
+}
+
+impl Blame {
+    /// The target finding (tests).
+    pub fn finding(self) -> Option<Finding> {
+        match self {
+            Blame::Target(f) => Some(f),
+            Blame::Ours(_) => None,
+        }
+    }
+}
+
+/// Classifies a failed handshake: a 4xx finding when the target caused it, else our own error.
+/// A refusal by the capturing verifier is handled before this (it is a certificate finding).
+pub fn classify_failure(err: &io::Error, first: &[u8], total: u64) -> Blame {
+    let tls_err = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
+    // Errors only our side raises: no target bytes explain them.
+    if let Some(
+        e @ (rustls::Error::General(_)
+        | rustls::Error::FailedToGetCurrentTime
+        | rustls::Error::FailedToGetRandomBytes
+        | rustls::Error::EncryptError
+        | rustls::Error::BadMaxFragmentSize
+        | rustls::Error::InconsistentKeys(_)
+        | rustls::Error::UnsupportedNameType
+        | rustls::Error::InvalidCertificate(_)
+        | rustls::Error::InvalidCertRevocationList(_)
+        | rustls::Error::InvalidEncryptedClientHello(_)
+        | rustls::Error::Other(_)),
+    ) = tls_err
+    {
+        return Blame::Ours(format!("the TLS library failed on our side: {e}"));
+    }
+    Blame::Target(classify_target(err, first, total))
+}
+
+fn classify_target(err: &io::Error, first: &[u8], total: u64) -> Finding {
     let rec = first_record(first);
     let tls_err = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
     let evidence = |f: Finding| f.with("bytes_received", total).with("first_bytes", hex(first));
@@ -360,7 +434,10 @@ pub fn classify_failure(err: &io::Error, first: &[u8], total: u64) -> Finding {
             )
             .with("tls_error", format!("{p:?}")),
         ),
-        Some(e) => evidence(Finding::new(Cause::TlsAlert, "the TLS handshake failed").with("tls_error", e)),
+        // Everything else the library reports is about what the peer sent.
+        Some(e) => evidence(
+            Finding::new(Cause::TlsProtocolError, "the server's TLS messages broke the protocol").with("tls_error", e),
+        ),
         None => evidence(
             Finding::new(
                 Cause::TlsClosedDuringHandshake,
@@ -394,6 +471,10 @@ pub fn classify_stall(first: &[u8], total: u64, x224_rtt_ms: u64, waited_ms: u64
 mod tests {
     use super::*;
 
+    fn target(err: &io::Error, first: &[u8], total: u64) -> Finding {
+        classify_failure(err, first, total).finding().expect("a target cause")
+    }
+
     fn err_eof() -> io::Error {
         io::Error::new(io::ErrorKind::UnexpectedEof, "tls handshake eof")
     }
@@ -421,18 +502,12 @@ mod tests {
     #[test]
     fn classification() {
         let dr = [0x03, 0x00, 0x00, 0x0b, 0x06, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00];
-        assert_eq!(
-            classify_failure(&err_eof(), &dr, 11).cause,
-            Cause::TlsClosedDuringHandshake
-        );
-        assert_eq!(
-            classify_failure(&err_eof(), &[], 0).cause,
-            Cause::TlsClosedDuringHandshake
-        );
+        assert_eq!(target(&err_eof(), &dr, 11).cause, Cause::TlsClosedDuringHandshake);
+        assert_eq!(target(&err_eof(), &[], 0).cause, Cause::TlsClosedDuringHandshake);
         let reset = io::Error::from(io::ErrorKind::ConnectionReset);
-        assert_eq!(classify_failure(&reset, &[], 0).cause, Cause::TlsClosedDuringHandshake);
+        assert_eq!(target(&reset, &[], 0).cause, Cause::TlsClosedDuringHandshake);
         let sh10 = [0x16, 0x03, 0x01, 0x00, 0x2a, 0x02, 0x00, 0x00, 0x26, 0x03, 0x01];
-        let f = classify_failure(&io::Error::new(io::ErrorKind::InvalidData, "x"), &sh10, 47);
+        let f = target(&io::Error::new(io::ErrorKind::InvalidData, "x"), &sh10, 47);
         assert_eq!(f.cause, Cause::TlsVersionMismatch);
         assert!(f.evidence.contains(&("server_version".into(), "TLSv1.0".into())));
         let alert = |d: u8| {
@@ -441,7 +516,7 @@ mod tests {
                 io::ErrorKind::InvalidData,
                 rustls::Error::AlertReceived(AlertDescription::from(d)),
             );
-            classify_failure(&e, &rec, 7)
+            target(&e, &rec, 7)
         };
         assert_eq!(alert(40).cause, Cause::TlsNoSharedCipher);
         assert_eq!(alert(71).cause, Cause::TlsNoSharedCipher);
@@ -450,8 +525,13 @@ mod tests {
         assert_eq!(f.cause, Cause::TlsAlert);
         assert!(f.evidence.contains(&("alert".into(), "80".into())), "{:?}", f.evidence);
         assert!(f.evidence.contains(&("alert_name".into(), "InternalError".into())));
-        let f = classify_failure(&io::Error::new(io::ErrorKind::InvalidData, "x"), b"HTTP/1.1 400", 12);
+        let f = target(&io::Error::new(io::ErrorKind::InvalidData, "x"), b"HTTP/1.1 400", 12);
         assert_eq!(f.cause, Cause::TlsProtocolError);
+        // Failures raised by our own library are never a target cause.
+        let ours = io::Error::other(rustls::Error::FailedToGetRandomBytes);
+        assert!(matches!(classify_failure(&ours, &[], 0), Blame::Ours(_)));
+        let ours = io::Error::other(rustls::Error::EncryptError);
+        assert!(matches!(classify_failure(&ours, &[], 0), Blame::Ours(_)));
     }
 
     #[test]

@@ -41,6 +41,16 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
      );
      INSERT INTO audit_head VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000', '');",
     ),
+    (
+        3,
+        "certificate pins",
+        "CREATE TABLE pin (
+         target        text        PRIMARY KEY,     -- connected address:port
+         fingerprint   text        NOT NULL,        -- SHA-256 of the certificate, lower-case hex
+         expected_name text        NOT NULL DEFAULT '',
+         first_seen    timestamptz NOT NULL DEFAULT now()
+     );",
+    ),
 ];
 
 /// Applies what is missing.

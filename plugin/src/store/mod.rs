@@ -2,7 +2,9 @@
 //!
 //! `[store] url` unset keeps the single-instance behaviour (memory and files), the embedded
 //! default. Set, the lockout guard's budget, reservations and single-flight live in the
-//! database ([`guard::PgGuardStore`]), so the budget is global whatever the number of replicas.
+//! database ([`guard::PgGuardStore`]), so the budget is global whatever the number of replicas;
+//! `cert.pin_store = "auto"` pins there ([`pins`], first writer wins), and `[audit] backend =
+//! "store"` records there ([`audit`], one chain, signed head).
 //!
 //! - A pool of connections (`deadpool-postgres`), TLS through rustls with `store.ca_file`
 //!   (`store.tls = "disable"` only towards a loopback address), every statement under
@@ -16,6 +18,7 @@
 pub mod audit;
 pub mod guard;
 mod migrations;
+pub mod pins;
 
 use std::{
     net::IpAddr,
