@@ -444,7 +444,12 @@ impl Prober {
         let timer = StageTimer::start(Stage::Tcp, budget.elapsed());
         let tcp = match budget.run(self.cfg.tcp_timeout, tcp::connect_any(addrs)).await {
             Ok(Ok(c)) => c,
-            Ok(Err((addr, e))) => {
+            Ok(Err(tcp::ConnectError::Ours(msg))) => {
+                a.stages.push(timer.record(StageStatus::Failed, "internal error"));
+                a.internal = Some(msg);
+                return a;
+            }
+            Ok(Err(tcp::ConnectError::Target(addr, e))) => {
                 a.stages.push(timer.record(StageStatus::Failed, e.to_string()));
                 a.fail(
                     Failed {

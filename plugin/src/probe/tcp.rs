@@ -18,8 +18,17 @@ pub struct Connected {
     pub rtt: Duration,
 }
 
+/// Why no connection was made.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The last address's connect failed: the target or the path.
+    Target(SocketAddr, io::Error),
+    /// Our own side failed (a socket option, no address to try): not the target's doing.
+    Ours(String),
+}
+
 /// Connects to each address in turn; returns the first success or the last error.
-pub async fn connect_any(addrs: &[SocketAddr]) -> Result<Connected, (SocketAddr, io::Error)> {
+pub async fn connect_any(addrs: &[SocketAddr]) -> Result<Connected, ConnectError> {
     let mut last = None;
     for addr in addrs {
         let t0 = Instant::now();
@@ -28,7 +37,7 @@ pub async fn connect_any(addrs: &[SocketAddr]) -> Result<Connected, (SocketAddr,
                 let rtt = t0.elapsed();
                 // Small writes (X.224, TLS, CredSSP) must not wait for delayed ACKs.
                 if let Err(e) = stream.set_nodelay(true) {
-                    return Err((*addr, e));
+                    return Err(ConnectError::Ours(format!("TCP_NODELAY could not be set: {e}")));
                 }
                 return Ok(Connected {
                     stream,
@@ -36,15 +45,10 @@ pub async fn connect_any(addrs: &[SocketAddr]) -> Result<Connected, (SocketAddr,
                     rtt,
                 });
             }
-            Err(e) => last = Some((*addr, e)),
+            Err(e) => last = Some(ConnectError::Target(*addr, e)),
         }
     }
-    Err(last.unwrap_or_else(|| {
-        (
-            SocketAddr::from(([0, 0, 0, 0], 0)),
-            io::Error::new(io::ErrorKind::NotFound, "no address to connect to"),
-        )
-    }))
+    Err(last.unwrap_or_else(|| ConnectError::Ours("no address to connect to".into())))
 }
 
 /// The finding for a failed connect.
