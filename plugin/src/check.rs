@@ -512,6 +512,7 @@ fn guard_outcome(out: &NlaOutcome) -> Outcome {
             Finding::new(Cause::NlaLogonFailed, "the target did not accept the logon").at(Stage::Nla)
         });
     match out.facts.ntstatus {
+        Some(s) if crate::nla::refuses_ntlm(s) => Outcome::Released,
         Some(s) if crate::nla::proves_password_right(s) => Outcome::Proven {
             findings: vec![f],
             usable: false,

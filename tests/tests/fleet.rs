@@ -107,6 +107,7 @@ fn default_scenario_covers_the_probe_causes() {
         "NLA_CREDSSP_OUTDATED",
         "NLA_LOGON_FAILED",
         "NLA_ACCESS_DENIED",
+        "NLA_NTLM_REFUSED",
         "TARGET_IDENTITY_MISMATCH",
         "CLOCK_SKEW",
     ] {

@@ -244,6 +244,11 @@ computer = "RDP-GUARD01"
 name = "nla-refuse"
 behavior = "nla_error"
 
+[[target]]
+name = "nla-ntlm-blocked"
+behavior = "nla_error"
+ntstatus = 0xC0000418
+
 [[account]]
 name = "nina"
 password = "Nla-Pass-1"
@@ -620,4 +625,23 @@ async fn read_lockout_state_uses_the_pso_and_fails_closed() {
         .evidence
         .contains(&("lockout_state".into(), "unreadable".into())));
     assert_eq!(dir.bad_pwd_count("quin"), Some(0));
+}
+
+/// A target that refuses NTLM itself (STATUS_NTLM_BLOCKED) never checked the password: the
+/// answer is NLA_NTLM_REFUSED (a warning), and the guard does not count it as a bad password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ntlm_refused_by_the_target_is_not_a_bad_password() {
+    let nla = Nla::start().await;
+    let c = checker(&nla.config());
+    for (i, pw) in ["Stale-1", "Stale-2", "Stale-3", "Stale-4"].iter().enumerate() {
+        let r = c.check(nla.input("nla-ntlm-blocked", Some(cred("nina", "", pw)))).await;
+        assert_eq!(r.primary_cause, Cause::NlaNtlmRefused, "{:?}", causes(&r));
+        assert_eq!(r.verdict, Verdict::AllowWithWarnings);
+        assert_eq!(nla.authenticates("nla-ntlm-blocked"), i as u64 + 1);
+    }
+    // The budget is untouched: a refusal by the target's password check still gets its slots.
+    let r = c
+        .check(nla.input("nla-refuse", Some(cred("nina", "", "Stale-5"))))
+        .await;
+    assert_eq!(r.primary_cause, Cause::NlaLogonFailed, "{:?}", causes(&r));
 }

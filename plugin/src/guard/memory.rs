@@ -269,7 +269,7 @@ impl MemoryStore {
         let flight = e.in_flight.swap_remove(pos);
         let judged = matches!(outcome, Outcome::Refused(_));
         match outcome {
-            Outcome::NotSent => {}
+            Outcome::NotSent | Outcome::Released => {}
             Outcome::Proven { findings, usable } => {
                 // The password is right: the directory resets its counter too, but only for the
                 // failures it had seen before this attempt went out; one that completed later

@@ -79,6 +79,9 @@ pub enum Outcome {
     Unknown(Finding),
     /// Nothing was written: the slot is released.
     NotSent,
+    /// Written, but refused before any password check (the target refuses NTLM itself): the
+    /// slot is released, as no lockout counter moved.
+    Released,
 }
 
 /// The store's answer to a reservation.

@@ -212,6 +212,7 @@ pub fn ntstatus_name(status: u32) -> &'static str {
         0xC000_006F => "STATUS_INVALID_LOGON_HOURS",
         0xC000_0070 => "STATUS_INVALID_WORKSTATION",
         0xC000_006E => "STATUS_ACCOUNT_RESTRICTION",
+        0xC000_0418 => "STATUS_NTLM_BLOCKED",
         0xC000_015B => "STATUS_LOGON_TYPE_NOT_GRANTED",
         0xC000_0022 => "STATUS_ACCESS_DENIED",
         0xC000_00BB => "STATUS_NOT_SUPPORTED",
@@ -226,6 +227,13 @@ pub fn ntstatus_name(status: u32) -> &'static str {
         0x8009_0322 => "SEC_E_WRONG_PRINCIPAL",
         _ => "",
     }
+}
+
+/// True for the errorCodes of a target that refuses NTLM itself (catalog 707): NTLM blocked by
+/// policy, the NTLM package unavailable, or a Protected Users account (which may not use NTLM).
+/// Such a refusal comes before any password check: the lockout guard does not count it.
+pub fn refuses_ntlm(status: u32) -> bool {
+    matches!(status, 0xC000_0418 | 0x8009_0302 | 0xC000_006E)
 }
 
 /// The finding for an NTSTATUS from a TSRequest errorCode (catalog stage 7xx, NTSTATUS table).
@@ -247,6 +255,10 @@ pub fn ntstatus_finding(status: u32) -> Finding {
         0xC000_015B => (
             Cause::NlaAccessDenied,
             "the account is not granted logon through Remote Desktop Services on this target",
+        ),
+        s if refuses_ntlm(s) => (
+            Cause::NlaNtlmRefused,
+            "the target refuses NTLM itself, which says nothing about the password; only Kerberos logons work there",
         ),
         0xC000_006D | 0xC000_006A | 0xC000_0064 => (Cause::NlaLogonFailed, "the user name or password is wrong"),
         _ => (Cause::NlaLogonFailed, "the logon was refused"),

@@ -331,7 +331,9 @@ fn ntstatus_table() {
         (0xC000_015B, Cause::NlaAccessDenied),
         (0xC000_006D, Cause::NlaLogonFailed),
         (0xC000_006A, Cause::NlaLogonFailed),
-        (0xC000_006E, Cause::NlaLogonFailed),
+        (0xC000_006E, Cause::NlaNtlmRefused),
+        (0xC000_0418, Cause::NlaNtlmRefused),
+        (0x8009_0302, Cause::NlaNtlmRefused),
         (0x8009_030C, Cause::NlaLogonFailed),
         (0x1234_5678, Cause::NlaLogonFailed),
     ];

@@ -278,7 +278,7 @@ impl GuardStore for PgGuardStore {
                             .await?;
                         let acct = &account.0[..];
                         let (state, findings, usable) = match &outcome {
-                            Outcome::NotSent => {
+                            Outcome::NotSent | Outcome::Released => {
                                 tx.execute(
                                     "DELETE FROM guard_attempt WHERE id = $1 AND account = $2 AND state = 0",
                                     &[&id, &acct],
