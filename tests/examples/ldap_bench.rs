@@ -10,28 +10,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::slapd::{self, Slapd};
+use integration_tests::{
+    bench::Row,
+    slapd::{self, Slapd},
+};
 use rdp_preflight::{
     credential::{CredentialChecker, DirectoryFile},
     deadline::Budget,
     secret::{Credential, Password},
 };
-
-struct Row {
-    name: String,
-    n: usize,
-    wall: Duration,
-    lat: Vec<Duration>,
-}
-
-impl Row {
-    fn pct(&self, p: f64) -> f64 {
-        let mut v = self.lat.clone();
-        v.sort();
-        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-        v.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    }
-}
 
 async fn run_checker(name: &str, c: Arc<CredentialChecker>, n: usize, concurrency: usize) -> Row {
     let cred = Arc::new(Credential {

@@ -16,7 +16,7 @@ use gateway_sim::{
     directory::{start_directory, DirectoryOptions},
     scenario::Account,
 };
-use integration_tests::{cred, postgres::Postgres};
+use integration_tests::{bench::Row, cred, postgres::Postgres};
 use rdp_preflight::{
     credential::{CredentialChecker, DirectoryFile},
     deadline::Budget,
@@ -25,31 +25,16 @@ use rdp_preflight::{
     store::{guard::PgGuardStore, Store, StoreFile},
 };
 
-struct Row {
-    name: String,
-    n: usize,
-    wall: Duration,
-    lat: Vec<Duration>,
-}
-
-impl Row {
-    fn pct(&self, p: f64) -> f64 {
-        let mut v = self.lat.clone();
-        v.sort();
-        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-        v.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    }
-
-    fn print(&self) {
-        println!(
-            "{:<44} {:>7} {:>10.0} {:>9.3} {:>9.3}",
-            self.name,
-            self.n,
-            self.n as f64 / self.wall.as_secs_f64(),
-            self.pct(0.5),
-            self.pct(0.99)
-        );
-    }
+/// Prints a row of the table.
+fn print(r: &Row) {
+    println!(
+        "{:<44} {:>7} {:>10.0} {:>9.3} {:>9.3}",
+        r.name,
+        r.n,
+        r.per_sec(),
+        r.pct(0.5),
+        r.pct(0.99)
+    );
 }
 
 fn budget() -> Budget {
@@ -177,29 +162,27 @@ async fn main() {
 
     println!("{:<44} {:>7} {:>10} {:>9} {:>9}", "", "n", "per s", "p50 ms", "p99 ms");
     let mem_guard = Guard::memory(limits, 100_000);
-    reservations("guard: reserve + complete, in process", &mem_guard, n)
-        .await
-        .print();
-    reservations("guard: reserve + complete, PostgreSQL", &pg_guard(), n)
-        .await
-        .print();
+    print(&reservations("guard: reserve + complete, in process", &mem_guard, n).await);
+    print(&reservations("guard: reserve + complete, PostgreSQL", &pg_guard(), n).await);
     for concurrency in [1, 8] {
-        checks(
-            &format!("bind check, in-process guard, c={concurrency}"),
-            memory(),
-            n,
-            concurrency,
-        )
-        .await
-        .print();
-        checks(
-            &format!("bind check, PostgreSQL guard, c={concurrency}"),
-            shared(),
-            n,
-            concurrency,
-        )
-        .await
-        .print();
+        print(
+            &checks(
+                &format!("bind check, in-process guard, c={concurrency}"),
+                memory(),
+                n,
+                concurrency,
+            )
+            .await,
+        );
+        print(
+            &checks(
+                &format!("bind check, PostgreSQL guard, c={concurrency}"),
+                shared(),
+                n,
+                concurrency,
+            )
+            .await,
+        );
     }
     println!("binds answered by the directory: {}", dir.bind_count());
     let ops = store.stats.ops.load(std::sync::atomic::Ordering::Relaxed);

@@ -1,5 +1,6 @@
 //! Shared helpers for the integration tests.
 
+pub mod bench;
 pub mod plugin;
 pub mod postgres;
 pub mod shadow;

@@ -76,6 +76,17 @@ fn lock_id(a: &AccountKey) -> i64 {
     i64::from_be_bytes(b)
 }
 
+/// A transaction holding the account's advisory lock until it ends.
+async fn locked<'a>(
+    c: &'a mut deadpool_postgres::Client,
+    account: &AccountKey,
+) -> Result<deadpool_postgres::Transaction<'a>, tokio_postgres::Error> {
+    let tx = c.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_id(account)])
+        .await?;
+    Ok(tx)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -155,9 +166,7 @@ impl GuardStore for PgGuardStore {
                 .store
                 .with(move |c| {
                     Box::pin(async move {
-                        let tx = c.transaction().await?;
-                        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_id(&account)])
-                            .await?;
+                        let tx = locked(c, &account).await?;
                         let acct = &account.0[..];
                         let prune = tx
                             .prepare_cached(
@@ -273,9 +282,7 @@ impl GuardStore for PgGuardStore {
                 .store
                 .with(move |c| {
                     Box::pin(async move {
-                        let tx = c.transaction().await?;
-                        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_id(&account)])
-                            .await?;
+                        let tx = locked(c, &account).await?;
                         let acct = &account.0[..];
                         let (state, findings, usable) = match &outcome {
                             Outcome::NotSent | Outcome::Released => {
