@@ -4,7 +4,9 @@
 #     tests/tests/ldap.rs and the ldap_bench example;
 #   - FreeRDP's shadow server (freerdp2-shadow-x11: freerdp-shadow-cli), winpr-utils
 #     (winpr-hash, for its SAM file) and Xvfb: tests/tests/nla_shadow.rs, tests/tests/guard.rs;
-#   - PostgreSQL (initdb, pg_ctl, psql; the tests start their own clusters): tests/tests/store.rs.
+#   - PostgreSQL (initdb, pg_ctl, psql; the tests start their own clusters): tests/tests/store.rs;
+#   - Samba as an AD DC (samba, samba-ad-dc, samba-ad-provision; the tests provision their own
+#     in a temporary directory, KDC on 127.0.0.1:88): tests/tests/kerberos.rs.
 # Idempotent: installs nothing when every tool is present. Non-interactive; needs root (or sudo).
 set -euo pipefail
 
@@ -16,9 +18,11 @@ command -v winpr-hash >/dev/null 2>&1 || missing+=(winpr-utils)
 command -v Xvfb >/dev/null 2>&1 || missing+=(xvfb)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
+command -v samba >/dev/null 2>&1 || missing+=(samba samba-ad-dc)
+[ -d /usr/share/samba/setup/ad-schema ] || missing+=(samba-ad-provision)
 
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "install-test-deps: slapd, ldap-utils, freerdp-shadow-cli, winpr-hash, Xvfb and PostgreSQL already installed"
+    echo "install-test-deps: slapd, ldap-utils, freerdp-shadow-cli, winpr-hash, Xvfb, PostgreSQL and Samba already installed"
     exit 0
 fi
 
@@ -43,7 +47,7 @@ $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recomme
 
 # A system slapd or PostgreSQL cluster the packages may have started is not needed.
 if command -v systemctl >/dev/null 2>&1; then
-    for unit in slapd postgresql; do
+    for unit in slapd postgresql samba-ad-dc smbd nmbd; do
         if systemctl is-active --quiet "$unit" 2>/dev/null; then
             $SUDO systemctl stop "$unit" || true
         fi
@@ -56,6 +60,10 @@ for tool in /usr/sbin/slapd ldapwhoami ldapadd freerdp-shadow-cli winpr-hash Xvf
         exit 1
     fi
 done
+if ! command -v samba >/dev/null 2>&1 || [ ! -d /usr/share/samba/setup/ad-schema ]; then
+    echo "install-test-deps: Samba AD DC still missing after install" >&2
+    exit 1
+fi
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     echo "install-test-deps: PostgreSQL's initdb still missing after install" >&2
     exit 1

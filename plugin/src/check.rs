@@ -34,6 +34,8 @@ pub struct Checker {
     cfg: Arc<Config>,
     prober: Prober,
     credential: Option<CredentialChecker>,
+    /// The AS exchange, when `[kerberos]` is configured (it then proves the credential).
+    kerberos: Option<crate::kerberos::KerberosChecker>,
     /// The one lockout guard: LDAP binds and NLA logons spend one budget per account.
     guard: Arc<Guard>,
 }
@@ -80,10 +82,16 @@ impl Checker {
             .directory
             .clone()
             .map(|d| CredentialChecker::new(d, guard.clone(), cfg.domains.clone()));
+        let kerberos = cfg
+            .kerberos
+            .clone()
+            .filter(|k| k.credential_check)
+            .map(|k| crate::kerberos::KerberosChecker::new(k, guard.clone(), cfg.domains.clone()));
         Ok(Checker {
             cfg,
             prober,
             credential,
+            kerberos,
             guard,
         })
     }
@@ -350,9 +358,14 @@ impl Checker {
         cred: Option<&Credential>,
         budget: &Budget,
     ) -> Option<(CredentialOutcome, Duration, Duration)> {
-        let (cred, checker) = (cred?, self.credential.as_ref()?);
+        let cred = cred?;
         let start = budget.elapsed();
-        let outcome = checker.check(cred, budget).await;
+        // Kerberos, when configured, proves the password; else the LDAP bind.
+        let outcome = match (&self.kerberos, &self.credential) {
+            (Some(k), _) => k.check(cred, budget).await,
+            (None, Some(c)) => c.check(cred, budget).await,
+            (None, None) => return None,
+        };
         Some((outcome, start, budget.elapsed().saturating_sub(start)))
     }
 

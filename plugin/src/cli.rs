@@ -163,6 +163,12 @@ struct CheckArgs {
     /// always, or off (overrides config).
     #[arg(long, value_name = "MODE")]
     nla_logon: Option<String>,
+    /// Kerberos realm: prove the credential by AS exchange (overrides config).
+    #[arg(long)]
+    realm: Option<String>,
+    /// KDC as HOST:PORT (repeatable, tried in order; overrides config).
+    #[arg(long = "kdc")]
+    kdcs: Vec<String>,
 }
 
 /// Entry point of the binary.
@@ -347,6 +353,12 @@ fn check(args: CheckArgs) -> ExitCode {
     }
     if let Some(m) = &args.nla_logon {
         file.nla.logon = m.clone();
+    }
+    if let Some(r) = &args.realm {
+        file.kerberos.realm = Some(r.clone());
+    }
+    if !args.kdcs.is_empty() {
+        file.kerberos.kdcs = args.kdcs.clone();
     }
     if args.no_nla_logon {
         file.nla.logon = "off".into();

@@ -62,6 +62,8 @@ pub struct FileConfig {
     pub admin: crate::metrics::AdminFile,
     /// `[store]`: the shared store (PostgreSQL) that makes N replicas one plugin.
     pub store: crate::store::StoreFile,
+    /// `[kerberos]`: the credential proven by an AS exchange with the KDC.
+    pub kerberos: crate::kerberos::KerberosFile,
 }
 
 /// `[nla]`: the NLA stage, run after a clean TLS stage when the server selected HYBRID or
@@ -400,6 +402,8 @@ pub struct Config {
     pub directory: Option<crate::credential::DirectoryConfig>,
     /// The shared store (`None`: single instance, memory and files).
     pub store: Option<crate::store::StoreConfig>,
+    /// Kerberos (`None`: no realm configured).
+    pub kerberos: Option<crate::kerberos::KerberosConfig>,
     /// The file mirror this was built from (for `config check`).
     pub file: FileConfig,
 }
@@ -460,7 +464,8 @@ impl FileConfig {
                 .with_list_parse_key("policy.allow_networks")
                 .with_list_parse_key("policy.allow_dns_suffixes")
                 .with_list_parse_key("policy.allow_ports")
-                .with_list_parse_key("directory.servers"),
+                .with_list_parse_key("directory.servers")
+                .with_list_parse_key("kerberos.kdcs"),
         );
         let merged = b.build().map_err(|e| ConfigError(e.to_string()))?;
         merged
@@ -675,6 +680,7 @@ impl FileConfig {
             audit: self.audit.validate().map_err(ConfigError)?,
             admin_listen: self.admin.validate().map_err(ConfigError)?,
             directory: self.directory.validate().map_err(ConfigError)?,
+            kerberos: self.kerberos.validate().map_err(ConfigError)?,
             store: {
                 let store = self.store.validate().map_err(ConfigError)?;
                 if self.audit.backend == "store" && store.is_none() {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod credential;
 pub mod deadline;
 pub mod guard;
+pub mod kerberos;
 pub mod metrics;
 pub mod nla;
 pub mod policy;

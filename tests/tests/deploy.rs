@@ -1185,6 +1185,11 @@ fn sample(key: &str, pem: &str, secret: &str, tmp: &Path) -> (String, Vec<(&'sta
         "store.password_file" => (secret.into(), vec![]),
         "store.password_env" => ("DEPLOY_TEST_PASSWORD".into(), vec![]),
         "store.ca_file" => (pem.into(), vec![]),
+        "kerberos.kdcs" => ("dc1.example.test:88,dc2.example.test:88".into(), vec![]),
+        "kerberos.realm" => (
+            "EXAMPLE.TEST".into(),
+            vec![("kerberos.kdcs", "dc1.example.test:88".into())],
+        ),
         "admin.listen" => ("127.0.0.1:9464".into(), vec![]),
         other => panic!("tests/tests/deploy.rs: add a sample value for {other} to sample()"),
     }

@@ -1,0 +1,147 @@
+//! A real Samba AD DC for a test (`server services = ldap, kdc`): provisioned in a temporary
+//! directory, listening on the loopback interface (the KDC on 127.0.0.1:88, so it runs as root
+//! and one at a time), stopped on drop.
+//!
+//! Needs Debian's `samba`, `samba-ad-dc` and `samba-ad-provision` (`scripts/install-test-deps.sh`).
+
+use std::{
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+/// The realm.
+pub const REALM: &str = "EXAMPLE.TEST";
+/// The administrator's password.
+pub const ADMIN_PW: &str = "Admin-Pass-1!";
+
+/// One Samba at a time (port 88).
+static ONE: Mutex<()> = Mutex::new(());
+
+/// A running DC.
+pub struct Samba {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    _one: MutexGuard<'static, ()>,
+}
+
+fn tool(name: &str) -> PathBuf {
+    for d in ["/usr/bin", "/usr/sbin", "/usr/local/bin"] {
+        let p = Path::new(d).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} is not installed (Debian packages samba, samba-ad-dc, samba-ad-provision): run `sudo scripts/install-test-deps.sh`");
+}
+
+impl Samba {
+    /// Provisions and starts a DC; returns once the KDC accepts connections.
+    pub fn start() -> Samba {
+        let one = ONE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let dir = tempfile::Builder::new()
+            .prefix("preflight-samba")
+            .tempdir()
+            .expect("tmp");
+        let d = dir.path().display().to_string();
+        let out = Command::new(tool("samba-tool"))
+            .args([
+                "domain",
+                "provision",
+                "--realm",
+                REALM,
+                "--domain",
+                "EXAMPLE",
+                "--server-role=dc",
+            ])
+            .args(["--dns-backend=NONE", "--adminpass", ADMIN_PW, "--targetdir", &d])
+            .args(["--option=interfaces = lo", "--option=bind interfaces only = yes"])
+            .args(["--option=server services = ldap, kdc"])
+            .arg(format!("--option=pid directory = {d}/pid"))
+            .output()
+            .expect("samba-tool");
+        assert!(
+            out.status.success(),
+            "provision: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::create_dir_all(dir.path().join("pid")).expect("pid dir");
+        let log = std::fs::File::create(dir.path().join("samba.log")).expect("log");
+        let child = Command::new(tool("samba"))
+            .args(["-i", "-M", "single", "-s"])
+            .arg(dir.path().join("etc/smb.conf"))
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start samba");
+        let s = Samba {
+            dir,
+            child: Some(child),
+            _one: one,
+        };
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", 88)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the KDC did not start: {}",
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+
+    /// The server's output.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("samba.log")).unwrap_or_default()
+    }
+
+    /// `host:port` of the KDC.
+    pub fn kdc(&self) -> String {
+        "127.0.0.1:88".into()
+    }
+
+    /// Runs `samba-tool ARGS` against this DC's database; panics with its output on failure.
+    pub fn tool(&self, args: &[&str]) -> String {
+        let out = Command::new(tool("samba-tool"))
+            .args(args)
+            .arg("-s")
+            .arg(self.dir.path().join("etc/smb.conf"))
+            .output()
+            .expect("samba-tool");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "samba-tool {args:?}: {text}");
+        text
+    }
+
+    /// Creates a user with a password.
+    pub fn user(&self, name: &str, password: &str) {
+        self.tool(&["user", "create", name, password]);
+    }
+
+    /// The user's badPwdCount and whether it is locked out (lockoutTime set).
+    pub fn bad_pwd(&self, name: &str) -> (u32, bool) {
+        let out = self.tool(&["user", "show", name, "--attributes=badPwdCount,lockoutTime"]);
+        let get = |k: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}: ")))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        (
+            u32::try_from(get("badPwdCount")).unwrap_or(u32::MAX),
+            get("lockoutTime") > 0,
+        )
+    }
+}
+
+impl Drop for Samba {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

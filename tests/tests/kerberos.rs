@@ -1,0 +1,162 @@
+//! The credential proven by a Kerberos AS exchange against a real KDC: a Samba AD DC
+//! provisioned by the harness (`server services = ldap, kdc`, on 127.0.0.1:88, as root).
+
+use std::{sync::Arc, time::Duration};
+
+use integration_tests::{budget, cred, samba::Samba};
+use rdp_preflight::{
+    cause::Cause,
+    credential::CredentialOutcome,
+    guard::{identity::Domains, Guard, Limits},
+    kerberos::{KerberosChecker, KerberosFile},
+};
+
+fn checker(kdcs: Vec<String>) -> KerberosChecker {
+    let cfg = KerberosFile {
+        realm: Some("example.test".into()),
+        kdcs,
+        timeout_ms: 3000,
+        ..Default::default()
+    }
+    .validate()
+    .expect("valid")
+    .expect("realm");
+    let guard = Arc::new(Guard::memory(
+        Limits::new(Duration::from_secs(900), 1, Duration::ZERO),
+        1000,
+    ));
+    KerberosChecker::new(
+        cfg,
+        guard,
+        Domains::new([("EXAMPLE", "example.test")]).expect("domains"),
+    )
+}
+
+fn cause(o: &CredentialOutcome) -> Cause {
+    o.findings.first().map_or(Cause::Ok, |f| f.cause)
+}
+
+fn evidence<'a>(o: &'a CredentialOutcome, key: &str) -> Option<&'a str> {
+    o.findings
+        .first()
+        .and_then(|f| f.evidence.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()))
+}
+
+/// Good, wrong, unknown, disabled, must change; a burst of stale passwords never locks an
+/// account whose PSO locks at 3; the KRB-ERROR code and the KDC are evidence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_exchange_against_samba() {
+    let s = Samba::start();
+    s.user("good", "Good-Pass-1!");
+    s.user("disabled", "Disabled-Pass-1!");
+    s.tool(&["user", "disable", "disabled"]);
+    s.user("pat", "Pat-Pass-1!");
+    s.tool(&[
+        "domain",
+        "passwordsettings",
+        "pso",
+        "create",
+        "lowlock",
+        "1",
+        "--account-lockout-threshold=3",
+        "--account-lockout-duration=10",
+        "--reset-account-lockout-after=10",
+    ]);
+    s.tool(&["domain", "passwordsettings", "pso", "apply", "lowlock", "pat"]);
+    let c = Arc::new(checker(vec![s.kdc()]));
+
+    let o = c.check(&cred("good", "EXAMPLE", "Good-Pass-1!"), &budget()).await;
+    assert!(o.bind_succeeded, "{o:?}\n{}", s.log());
+    assert_eq!(o.facts.checked_by, "kerberos");
+    // Any spelling, the salt comes from the KDC.
+    let o = c.check(&cred("GOOD@example.test", "", "Good-Pass-1!"), &budget()).await;
+    assert!(o.bind_succeeded, "{o:?}");
+
+    let o = c.check(&cred("good", "EXAMPLE", "Wrong-Pass-1!"), &budget()).await;
+    assert_eq!(cause(&o), Cause::CredInvalid, "{o:?}");
+    assert_eq!(evidence(&o, "krb_error"), Some("24"));
+    assert_eq!(evidence(&o, "kdc"), Some("127.0.0.1:88"));
+
+    let o = c.check(&cred("nobody", "EXAMPLE", "Whatever-1!"), &budget()).await;
+    assert_eq!(cause(&o), Cause::CredAccountNotFound, "{o:?}");
+
+    // Samba 4.17 tells a disabled account only after the right password.
+    let o = c
+        .check(&cred("disabled", "EXAMPLE", "Disabled-Pass-1!"), &budget())
+        .await;
+    assert_eq!(cause(&o), Cause::CredAccountDisabled, "{o:?}");
+    assert_eq!(evidence(&o, "krb_error"), Some("18"));
+
+    // A burst of stale passwords for pat (PSO threshold 3): the KDC sees at most the budget.
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let c = c.clone();
+        let pw = if i % 2 == 0 {
+            "Stale-Same-1!".to_string()
+        } else {
+            format!("Stale-{i}-1!")
+        };
+        tasks.push(tokio::spawn(async move {
+            c.check(&cred("pat", "EXAMPLE", &pw), &budget()).await
+        }));
+    }
+    for t in tasks {
+        let o = t.await.expect("task");
+        assert!(!o.bind_succeeded);
+        assert!(
+            matches!(cause(&o), Cause::CredInvalid | Cause::CredLockoutGuard),
+            "{o:?}"
+        );
+    }
+    // The CLI, with the Kerberos flags: the credential stage is the AS exchange.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let out = std::process::Command::new(integration_tests::plugin::plugin_bin())
+        .args([
+            "check",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--allow-loopback",
+        ])
+        .args(["--user", "good", "--domain", "EXAMPLE", "--password-env", "KRB_TEST_PW"])
+        .args(["--realm", "EXAMPLE.TEST", "--kdc", "127.0.0.1:88", "--json"])
+        .env("KRB_TEST_PW", "Wrong-Pass-2!")
+        .output()
+        .expect("run check");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("proto3 JSON");
+    assert_eq!(v["credential"]["checkedBy"], "kerberos", "{v}");
+    let causes: Vec<&str> = v["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter_map(|f| f["cause"].as_str())
+        .collect();
+    assert!(causes.contains(&"CAUSE_CRED_INVALID"), "{causes:?}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("Wrong-Pass-2"));
+
+    let (bad, locked) = s.bad_pwd("pat");
+    assert!(bad <= 2 && !locked, "badPwdCount {bad}, locked {locked}");
+    // Not locked: a checker that has not seen the failures proves the right password.
+    let o = checker(vec![s.kdc()])
+        .check(&cred("pat", "EXAMPLE", "Pat-Pass-1!"), &budget())
+        .await;
+    assert!(o.bind_succeeded, "{o:?}");
+}
+
+/// No KDC listening: DIRECTORY_UNREACHABLE, the next KDC tried first.
+#[tokio::test]
+async fn kdcs_that_refuse_are_unreachable() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    drop(l);
+    let o = checker(vec![format!("127.0.0.1:{port}"), format!("127.0.0.1:{port}")])
+        .check(&cred("good", "EXAMPLE", "Good-Pass-1!"), &budget())
+        .await;
+    assert_eq!(cause(&o), Cause::DirectoryUnreachable, "{o:?}");
+    assert!(evidence(&o, "attempts").is_some_and(|a| a.matches("127.0.0.1").count() == 2));
+}
