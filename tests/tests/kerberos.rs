@@ -63,6 +63,17 @@ async fn as_exchange_against_samba() {
         "--reset-account-lockout-after=10",
     ]);
     s.tool(&["domain", "passwordsettings", "pso", "apply", "lowlock", "pat"]);
+    s.user("lou", "Lou-Pass-1!");
+    s.tool(&["domain", "passwordsettings", "pso", "apply", "lowlock", "lou"]);
+    s.tool(&[
+        "user",
+        "create",
+        "mustchange",
+        "Must-Pass-1!",
+        "--must-change-at-next-login",
+    ]);
+    s.user("expired", "Expired-Pass-1!");
+    s.tool(&["user", "setexpiry", "expired", "--days=0"]);
     let c = Arc::new(checker(vec![s.kdc()]));
 
     let o = c.check(&cred("good", "EXAMPLE", "Good-Pass-1!"), &budget()).await;
@@ -85,6 +96,25 @@ async fn as_exchange_against_samba() {
         .check(&cred("disabled", "EXAMPLE", "Disabled-Pass-1!"), &budget())
         .await;
     assert_eq!(cause(&o), Cause::CredAccountDisabled, "{o:?}");
+    assert_eq!(evidence(&o, "krb_error"), Some("18"));
+
+    // Must change at next logon: told only with the right password (23 + 0xC0000224).
+    let o = c.check(&cred("mustchange", "EXAMPLE", "Must-Pass-1!"), &budget()).await;
+    assert_eq!(cause(&o), Cause::CredPasswordMustChange, "{o:?}");
+    assert_eq!(evidence(&o, "krb_error"), Some("23"));
+    // Account expired (18 + 0xC0000193).
+    let o = c.check(&cred("expired", "EXAMPLE", "Expired-Pass-1!"), &budget()).await;
+    assert_eq!(cause(&o), Cause::CredAccountExpired, "{o:?}");
+
+    // Locked by someone else's three bad passwords: then right and wrong passwords both get 18.
+    for i in 0..3 {
+        let o = checker(vec![s.kdc()])
+            .check(&cred("lou", "EXAMPLE", &format!("Someone-Else-{i}!")), &budget())
+            .await;
+        assert_eq!(cause(&o), Cause::CredInvalid, "{o:?}");
+    }
+    let o = c.check(&cred("lou", "EXAMPLE", "Lou-Pass-1!"), &budget()).await;
+    assert_eq!(cause(&o), Cause::CredAccountLocked, "{o:?}");
     assert_eq!(evidence(&o, "krb_error"), Some("18"));
 
     // A burst of stale passwords for pat (PSO threshold 3): the KDC sees at most the budget.
