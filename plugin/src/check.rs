@@ -134,7 +134,7 @@ impl Checker {
         };
         let (mut probe, cred) = tokio::join!(
             self.prober.probe(&preq, &budget),
-            self.credential(input.credential.as_ref(), &budget)
+            self.credential(input.credential.as_ref(), Some(&input.host), &budget)
         );
         let mut nla = self.nla(&input, &mut probe, cred.as_ref().map(|c| &c.0), &budget).await;
         let internal = probe.internal.take().or_else(|| nla.internal.take());
@@ -356,13 +356,14 @@ impl Checker {
     async fn credential(
         &self,
         cred: Option<&Credential>,
+        host: Option<&str>,
         budget: &Budget,
     ) -> Option<(CredentialOutcome, Duration, Duration)> {
         let cred = cred?;
         let start = budget.elapsed();
         // Kerberos, when configured, proves the password; else the LDAP bind.
         let outcome = match (&self.kerberos, &self.credential) {
-            (Some(k), _) => k.check(cred, budget).await,
+            (Some(k), _) => k.check(cred, host, budget).await,
             (None, Some(c)) => c.check(cred, budget).await,
             (None, None) => return None,
         };

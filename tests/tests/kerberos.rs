@@ -72,48 +72,85 @@ async fn as_exchange_against_samba() {
         "Must-Pass-1!",
         "--must-change-at-next-login",
     ]);
+    s.tool(&["computer", "create", "rdp01"]);
+    s.tool(&["spn", "add", "TERMSRV/rdp01.example.test", "rdp01$"]);
     s.user("expired", "Expired-Pass-1!");
     s.tool(&["user", "setexpiry", "expired", "--days=0"]);
     let c = Arc::new(checker(vec![s.kdc()]));
 
-    let o = c.check(&cred("good", "EXAMPLE", "Good-Pass-1!"), &budget()).await;
+    let o = c.check(&cred("good", "EXAMPLE", "Good-Pass-1!"), None, &budget()).await;
     assert!(o.bind_succeeded, "{o:?}\n{}", s.log());
     assert_eq!(o.facts.checked_by, "kerberos");
     // Any spelling, the salt comes from the KDC.
-    let o = c.check(&cred("GOOD@example.test", "", "Good-Pass-1!"), &budget()).await;
+    let o = c
+        .check(&cred("GOOD@example.test", "", "Good-Pass-1!"), None, &budget())
+        .await;
     assert!(o.bind_succeeded, "{o:?}");
 
-    let o = c.check(&cred("good", "EXAMPLE", "Wrong-Pass-1!"), &budget()).await;
+    let o = c
+        .check(&cred("good", "EXAMPLE", "Wrong-Pass-1!"), None, &budget())
+        .await;
     assert_eq!(cause(&o), Cause::CredInvalid, "{o:?}");
     assert_eq!(evidence(&o, "krb_error"), Some("24"));
     assert_eq!(evidence(&o, "kdc"), Some("127.0.0.1:88"));
 
-    let o = c.check(&cred("nobody", "EXAMPLE", "Whatever-1!"), &budget()).await;
+    let o = c
+        .check(&cred("nobody", "EXAMPLE", "Whatever-1!"), None, &budget())
+        .await;
     assert_eq!(cause(&o), Cause::CredAccountNotFound, "{o:?}");
 
     // Samba 4.17 tells a disabled account only after the right password.
     let o = c
-        .check(&cred("disabled", "EXAMPLE", "Disabled-Pass-1!"), &budget())
+        .check(&cred("disabled", "EXAMPLE", "Disabled-Pass-1!"), None, &budget())
         .await;
     assert_eq!(cause(&o), Cause::CredAccountDisabled, "{o:?}");
     assert_eq!(evidence(&o, "krb_error"), Some("18"));
 
+    // TERMSRV/<the host the gateway dials>: registered for rdp01's DNS name, not for its IP
+    // address or an alias.
+    let spn = |o: &CredentialOutcome| o.findings.iter().find(|f| f.cause == Cause::TargetSpnMissing).cloned();
+    let o = c
+        .check(
+            &cred("good", "EXAMPLE", "Good-Pass-1!"),
+            Some("rdp01.example.test"),
+            &budget(),
+        )
+        .await;
+    assert!(o.bind_succeeded && spn(&o).is_none(), "{o:?}\n{}", s.log());
+    for (host, ip) in [("192.0.2.10", true), ("alias.example.test", false)] {
+        let o = c
+            .check(&cred("good", "EXAMPLE", "Good-Pass-1!"), Some(host), &budget())
+            .await;
+        assert!(o.bind_succeeded, "{o:?}");
+        let f = spn(&o).unwrap_or_else(|| panic!("{host}: no TARGET_SPN_MISSING: {o:?}"));
+        assert!(
+            f.evidence
+                .contains(&("principal".into(), format!("TERMSRV/{host}@EXAMPLE.TEST"))),
+            "{f:?}"
+        );
+        assert!(f.evidence.contains(&("ip_literal".into(), ip.to_string())), "{f:?}");
+    }
+
     // Must change at next logon: told only with the right password (23 + 0xC0000224).
-    let o = c.check(&cred("mustchange", "EXAMPLE", "Must-Pass-1!"), &budget()).await;
+    let o = c
+        .check(&cred("mustchange", "EXAMPLE", "Must-Pass-1!"), None, &budget())
+        .await;
     assert_eq!(cause(&o), Cause::CredPasswordMustChange, "{o:?}");
     assert_eq!(evidence(&o, "krb_error"), Some("23"));
     // Account expired (18 + 0xC0000193).
-    let o = c.check(&cred("expired", "EXAMPLE", "Expired-Pass-1!"), &budget()).await;
+    let o = c
+        .check(&cred("expired", "EXAMPLE", "Expired-Pass-1!"), None, &budget())
+        .await;
     assert_eq!(cause(&o), Cause::CredAccountExpired, "{o:?}");
 
     // Locked by someone else's three bad passwords: then right and wrong passwords both get 18.
     for i in 0..3 {
         let o = checker(vec![s.kdc()])
-            .check(&cred("lou", "EXAMPLE", &format!("Someone-Else-{i}!")), &budget())
+            .check(&cred("lou", "EXAMPLE", &format!("Someone-Else-{i}!")), None, &budget())
             .await;
         assert_eq!(cause(&o), Cause::CredInvalid, "{o:?}");
     }
-    let o = c.check(&cred("lou", "EXAMPLE", "Lou-Pass-1!"), &budget()).await;
+    let o = c.check(&cred("lou", "EXAMPLE", "Lou-Pass-1!"), None, &budget()).await;
     assert_eq!(cause(&o), Cause::CredAccountLocked, "{o:?}");
     assert_eq!(evidence(&o, "krb_error"), Some("18"));
 
@@ -127,7 +164,7 @@ async fn as_exchange_against_samba() {
             format!("Stale-{i}-1!")
         };
         tasks.push(tokio::spawn(async move {
-            c.check(&cred("pat", "EXAMPLE", &pw), &budget()).await
+            c.check(&cred("pat", "EXAMPLE", &pw), None, &budget()).await
         }));
     }
     for t in tasks {
@@ -173,7 +210,7 @@ async fn as_exchange_against_samba() {
     assert!(bad <= 2 && !locked, "badPwdCount {bad}, locked {locked}");
     // Not locked: a checker that has not seen the failures proves the right password.
     let o = checker(vec![s.kdc()])
-        .check(&cred("pat", "EXAMPLE", "Pat-Pass-1!"), &budget())
+        .check(&cred("pat", "EXAMPLE", "Pat-Pass-1!"), None, &budget())
         .await;
     assert!(o.bind_succeeded, "{o:?}");
 }
@@ -185,7 +222,7 @@ async fn kdcs_that_refuse_are_unreachable() {
     let port = l.local_addr().expect("addr").port();
     drop(l);
     let o = checker(vec![format!("127.0.0.1:{port}"), format!("127.0.0.1:{port}")])
-        .check(&cred("good", "EXAMPLE", "Good-Pass-1!"), &budget())
+        .check(&cred("good", "EXAMPLE", "Good-Pass-1!"), None, &budget())
         .await;
     assert_eq!(cause(&o), Cause::DirectoryUnreachable, "{o:?}");
     assert!(evidence(&o, "attempts").is_some_and(|a| a.matches("127.0.0.1").count() == 2));

@@ -13,9 +13,15 @@ use picky_asn1::{
     },
 };
 use picky_krb::{
-    crypto::CipherSuite,
-    data_types::{EncryptedData, EtypeInfo2, KerberosFlags, PaData, PaEncTsEnc, PrincipalName},
-    messages::{AsReq, KdcReq, KdcReqBody, KrbError},
+    crypto::{ChecksumSuite, CipherSuite},
+    data_types::{
+        Authenticator, AuthenticatorInner, Checksum, EncryptedData, EtypeInfo2, KerberosFlags, PaData, PaEncTsEnc,
+        PrincipalName, Ticket,
+    },
+    messages::{
+        ApReq, ApReqInner, AsRep, AsReq, EncAsRepPart, EncKdcRepPart, EncTgsRepPart, KdcReq, KdcReqBody, KrbError,
+        TgsReq,
+    },
 };
 
 /// etypes asked for, strongest first (AES only: RC4 and DES are refused by hardened domains).
@@ -132,27 +138,27 @@ pub fn suite(etype: u8) -> Option<CipherSuite> {
     }
 }
 
+/// The long-term key made from the password and the KDC's salt.
+pub fn as_key(etype: u8, password: &[u8], salt: &[u8]) -> Result<Vec<u8>, KrbMsgError> {
+    suite(etype)
+        .ok_or_else(|| KrbMsgError::Internal(format!("etype {etype} not supported")))?
+        .cipher()
+        .generate_key_from_password(password, salt)
+        .map_err(|e| KrbMsgError::Internal(e.to_string()))
+}
+
 /// PA-ENC-TIMESTAMP: our time, encrypted with the key made from the password and the salt.
-pub fn pa_enc_timestamp(
-    etype: u8,
-    password: &[u8],
-    salt: &[u8],
-    now: UnixSecs,
-    usec: u32,
-) -> Result<PaData, KrbMsgError> {
+pub fn pa_enc_timestamp(etype: u8, key: &[u8], now: UnixSecs, usec: u32) -> Result<PaData, KrbMsgError> {
     let cipher = suite(etype)
         .ok_or_else(|| KrbMsgError::Internal(format!("etype {etype} not supported")))?
         .cipher();
-    let key = cipher
-        .generate_key_from_password(password, salt)
-        .map_err(|e| KrbMsgError::Internal(e.to_string()))?;
     let ts = PaEncTsEnc {
         patimestamp: ExplicitContextTag0::from(time(now)?),
         pausec: Optional::from(Some(ExplicitContextTag1::from(int(usec % 1_000_000)))),
     };
     let plain = picky_asn1_der::to_vec(&ts).map_err(|e| KrbMsgError::Internal(e.to_string()))?;
     let sealed = cipher
-        .encrypt(&key, 1, &plain)
+        .encrypt(key, 1, &plain)
         .map_err(|e| KrbMsgError::Internal(e.to_string()))?;
     let enc = EncryptedData {
         etype: ExplicitContextTag0::from(IntegerAsn1::from(vec![etype])),
@@ -302,6 +308,129 @@ fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     };
     let end = hdr.checked_add(len)?;
     Some((tag, b.get(hdr..end)?, b.get(end..)?))
+}
+
+/// What the TGS exchange needs from the AS-REP: the TGT and its session key.
+#[derive(Clone, Debug)]
+pub struct Tgt {
+    ticket: Ticket,
+    session_key: Vec<u8>,
+    key_etype: u8,
+}
+
+/// Reads an AS-REP: decrypts its enc-part with the long-term key (key usage 3).
+pub fn read_as_rep(bytes: &[u8], as_key: &[u8]) -> Result<Tgt, KrbMsgError> {
+    let rep: AsRep = picky_asn1_der::from_bytes(bytes).map_err(|e| KrbMsgError::Malformed(e.to_string()))?;
+    let enc = &rep.0.enc_part.0;
+    let etype = u8::try_from(integer_u32(&enc.etype.0)).unwrap_or(0);
+    let cipher = suite(etype)
+        .ok_or_else(|| KrbMsgError::Malformed(format!("AS-REP enc-part etype {etype}")))?
+        .cipher();
+    let plain = cipher
+        .decrypt(as_key, 3, &enc.cipher.0 .0)
+        .map_err(|e| KrbMsgError::Malformed(format!("AS-REP enc-part does not decrypt: {e}")))?;
+    // Some KDCs tag it as EncTGSRepPart.
+    let part: EncKdcRepPart = picky_asn1_der::from_bytes::<EncAsRepPart>(&plain)
+        .map(|p| p.0)
+        .or_else(|_| picky_asn1_der::from_bytes::<EncTgsRepPart>(&plain).map(|p| p.0))
+        .map_err(|e| KrbMsgError::Malformed(e.to_string()))?;
+    Ok(Tgt {
+        ticket: rep.0.ticket.0.clone(),
+        session_key: part.key.0.key_value.0 .0.clone(),
+        key_etype: u8::try_from(integer_u32(&part.key.0.key_type.0)).unwrap_or(0),
+    })
+}
+
+/// A TGS-REQ for `service` (e.g. `["TERMSRV", "rdp01.example.test"]`) with the TGT: an AP-REQ
+/// whose authenticator carries the checksum of the request body (key usages 6 and 7).
+pub fn tgs_req(tgt: &Tgt, input: &AsReqInput<'_>, service: &[&str], usec: u32) -> Result<Vec<u8>, KrbMsgError> {
+    let mut flags = picky_asn1::bit_string::BitString::with_len(32);
+    for bit in [1, 8, 15] {
+        flags.set(bit, true);
+    }
+    let body = KdcReqBody {
+        kdc_options: ExplicitContextTag0::from(KerberosFlags::from(flags)),
+        cname: Optional::from(None),
+        realm: ExplicitContextTag2::from(kstr(input.realm)?),
+        sname: Optional::from(Some(ExplicitContextTag3::from(principal(2, service)?))),
+        from: Optional::from(None),
+        till: ExplicitContextTag5::from(time(input.now + 10 * 3600)?),
+        rtime: Optional::from(None),
+        nonce: ExplicitContextTag7::from(int(input.nonce & 0x7FFF_FFFF)),
+        etype: ExplicitContextTag8::from(Asn1SequenceOf::from(
+            ETYPES.iter().map(|e| IntegerAsn1::from(vec![*e])).collect::<Vec<_>>(),
+        )),
+        addresses: Optional::from(None),
+        enc_authorization_data: Optional::from(None),
+        additional_tickets: Optional::from(None),
+    };
+    let body_der = picky_asn1_der::to_vec(&body).map_err(|e| KrbMsgError::Internal(e.to_string()))?;
+    let (ck_type, ck_suite) = match tgt.key_etype {
+        18 => (16u8, ChecksumSuite::HmacSha196Aes256),
+        17 => (15u8, ChecksumSuite::HmacSha196Aes128),
+        e => return Err(KrbMsgError::Internal(format!("session key etype {e} not supported"))),
+    };
+    let cksum = ck_suite
+        .hasher()
+        .checksum(&tgt.session_key, 6, &body_der)
+        .map_err(|e| KrbMsgError::Internal(e.to_string()))?;
+    let auth = Authenticator::from(AuthenticatorInner {
+        authenticator_vno: ExplicitContextTag0::from(IntegerAsn1::from(vec![5])),
+        crealm: ExplicitContextTag1::from(kstr(input.realm)?),
+        cname: ExplicitContextTag2::from(principal(1, &[input.user])?),
+        cksum: Optional::from(Some(ExplicitContextTag3::from(Checksum {
+            cksumtype: ExplicitContextTag0::from(IntegerAsn1::from(vec![ck_type])),
+            checksum: ExplicitContextTag1::from(OctetStringAsn1::from(cksum)),
+        }))),
+        cusec: ExplicitContextTag4::from(int(usec % 1_000_000)),
+        ctime: ExplicitContextTag5::from(time(input.now)?),
+        subkey: Optional::from(None),
+        seq_number: Optional::from(None),
+        authorization_data: Optional::from(None),
+    });
+    let auth_der = picky_asn1_der::to_vec(&auth).map_err(|e| KrbMsgError::Internal(e.to_string()))?;
+    let sealed = suite(tgt.key_etype)
+        .ok_or_else(|| KrbMsgError::Internal("session key etype".into()))?
+        .cipher()
+        .encrypt(&tgt.session_key, 7, &auth_der)
+        .map_err(|e| KrbMsgError::Internal(e.to_string()))?;
+    let ap = ApReq::from(ApReqInner {
+        pvno: ExplicitContextTag0::from(IntegerAsn1::from(vec![5])),
+        msg_type: ExplicitContextTag1::from(IntegerAsn1::from(vec![14])),
+        ap_options: ExplicitContextTag2::from(KerberosFlags::from(picky_asn1::bit_string::BitString::with_len(32))),
+        ticket: ExplicitContextTag3::from(tgt.ticket.clone()),
+        authenticator: ExplicitContextTag4::from(EncryptedData {
+            etype: ExplicitContextTag0::from(IntegerAsn1::from(vec![tgt.key_etype])),
+            kvno: Optional::from(None),
+            cipher: ExplicitContextTag2::from(OctetStringAsn1::from(sealed)),
+        }),
+    });
+    let pa = PaData {
+        padata_type: ExplicitContextTag1::from(IntegerAsn1::from(vec![1])),
+        padata_data: ExplicitContextTag2::from(OctetStringAsn1::from(
+            picky_asn1_der::to_vec(&ap).map_err(|e| KrbMsgError::Internal(e.to_string()))?,
+        )),
+    };
+    let req = TgsReq::from(KdcReq {
+        pvno: ExplicitContextTag1::from(IntegerAsn1::from(vec![5])),
+        msg_type: ExplicitContextTag2::from(IntegerAsn1::from(vec![12])),
+        padata: Optional::from(Some(ExplicitContextTag3::from(Asn1SequenceOf::from(vec![pa])))),
+        req_body: ExplicitContextTag4::from(body),
+    });
+    picky_asn1_der::to_vec(&req).map_err(|e| KrbMsgError::Internal(e.to_string()))
+}
+
+/// The KDC's answer to a TGS-REQ: `None` for a TGS-REP ([APPLICATION 13]), else the KRB-ERROR.
+pub fn read_tgs_answer(bytes: &[u8]) -> Result<Option<KdcError>, KrbMsgError> {
+    match bytes.first() {
+        Some(0x6d) => Ok(None),
+        Some(0x7e) => match read_answer(bytes)? {
+            AsAnswer::Error(e) => Ok(Some(e)),
+            AsAnswer::Rep => Ok(None),
+        },
+        Some(b) => Err(KrbMsgError::Malformed(format!("first byte 0x{b:02x}"))),
+        None => Err(KrbMsgError::Malformed("empty answer".into())),
+    }
 }
 
 /// Frames a message for TCP: a 4-byte big-endian length first (RFC 4120 7.2.2).

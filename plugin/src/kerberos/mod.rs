@@ -12,6 +12,9 @@
 //!    asked once more with the KDC's time and DIRECTORY_CLOCK_SKEW is reported beside the proof.
 //!    No answer counts as a failed attempt, as for a bind.
 //!
+//! 3. With `spn_check`, the TGT of that AS-REP asks for `TERMSRV/<the host the gateway dials>`
+//!    (TGS-REQ): KDC_ERR_S_PRINCIPAL_UNKNOWN (7) is TARGET_SPN_MISSING.
+//!
 //! KDCs are tried in order over TCP; the next only when one cannot be reached, never after an
 //! answer. Every read and write runs under the check's budget and `kerberos.timeout_ms`.
 
@@ -47,7 +50,8 @@ pub struct KerberosFile {
     pub timeout_ms: u64,
     /// Prove the credential by AS exchange (default true).
     pub credential_check: bool,
-    /// Ask for `TERMSRV/<host>` (default true; not built yet: accepted and ignored).
+    /// Ask the KDC for `TERMSRV/<host the gateway dials>` once the AS exchange gave a ticket:
+    /// TARGET_SPN_MISSING when Kerberos to that name is impossible (default true).
     pub spn_check: bool,
 }
 
@@ -74,6 +78,8 @@ pub struct KerberosConfig {
     pub timeout: Duration,
     /// Prove the credential by AS exchange.
     pub credential_check: bool,
+    /// Ask for `TERMSRV/<host>` once the AS exchange gave a ticket.
+    pub spn_check: bool,
 }
 
 impl KerberosFile {
@@ -125,6 +131,7 @@ impl KerberosFile {
             kdcs,
             timeout: Duration::from_millis(self.timeout_ms),
             credential_check: self.credential_check,
+            spn_check: self.spn_check,
         }))
     }
 }
@@ -217,6 +224,75 @@ impl KerberosChecker {
         &self.cfg
     }
 
+    /// Asks for `TERMSRV/<host>` with the TGT of `as_rep`: the finding when the KDC has no such
+    /// principal (7); nothing when it issues the ticket (or cannot be asked: logged).
+    async fn spn(
+        &self,
+        as_rep: &[u8],
+        key: &[u8],
+        input: &AsReqInput<'_>,
+        host: &str,
+        kdc: &(String, u16),
+        budget: &Budget,
+    ) -> Option<Finding> {
+        let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
+        let principal = format!("TERMSRV/{host}@{}", self.cfg.realm);
+        let asked = messages::read_as_rep(as_rep, key).and_then(|tgt| {
+            let (t, us) = now();
+            messages::tgs_req(
+                &tgt,
+                &AsReqInput {
+                    now: t,
+                    nonce: nonce(),
+                    ..input.clone()
+                },
+                &["TERMSRV", &host],
+                us,
+            )
+        });
+        let msg = match asked {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "TERMSRV check not made");
+                return None;
+            }
+        };
+        let answer = match self.exchange(kdc, &msg, budget).await {
+            Ok(b) => messages::read_tgs_answer(&b),
+            Err(_) => {
+                tracing::warn!(kdc = %kdc.0, "TERMSRV check: no answer from the KDC");
+                return None;
+            }
+        };
+        match answer {
+            Ok(Some(e)) if e.code == 7 => {
+                let ip = crate::policy::is_ip_literal(&host).is_some();
+                let mut msg = format!(
+                    "the KDC has no {principal}: Kerberos to this target is impossible under this name, clients fall back to NTLM"
+                );
+                if ip {
+                    msg.push_str("; the gateway dials an IP address: dial the DNS name registered in AD instead");
+                }
+                Some(
+                    Finding::new(Cause::TargetSpnMissing, msg)
+                        .at(crate::cause::Stage::Nla)
+                        .with("principal", &principal)
+                        .with("krb_error", 7)
+                        .with("ip_literal", ip),
+                )
+            }
+            Ok(Some(e)) => {
+                tracing::info!(code = e.code, principal = %principal, "TERMSRV check: the KDC answered an error");
+                None
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "TERMSRV check: unreadable answer");
+                None
+            }
+        }
+    }
+
     async fn exchange(&self, kdc: &(String, u16), msg: &[u8], budget: &Budget) -> Result<Vec<u8>, IoFail> {
         let limit = self.cfg.timeout;
         let io = async {
@@ -244,7 +320,9 @@ impl KerberosChecker {
     }
 
     /// Proves the credential; never sends an empty password, never without a reservation.
-    pub async fn check(&self, cred: &Credential, budget: &Budget) -> CredentialOutcome {
+    /// With `spn_host` (the host the gateway dials) and `spn_check`, the ticket is used to ask
+    /// for `TERMSRV/<spn_host>`.
+    pub async fn check(&self, cred: &Credential, spn_host: Option<&str>, budget: &Budget) -> CredentialOutcome {
         let realm = self.cfg.realm.clone();
         let mut facts = CredentialFacts {
             checked_by: "kerberos".into(),
@@ -403,21 +481,31 @@ impl KerberosChecker {
                 };
             }
         };
+        let key = match messages::as_key(salt.0, cred.password.expose().as_bytes(), &salt.1) {
+            Ok(k) => zeroize::Zeroizing::new(k),
+            Err(e) => {
+                ticket.finish(Outcome::NotSent).await;
+                return failed(
+                    facts,
+                    Finding::new(Cause::DirectoryError, format!("{e}")),
+                    Some(account),
+                );
+            }
+        };
         let mut skew: Option<Finding> = None;
         let mut when = now();
         for round in 0..2 {
-            let pa =
-                match messages::pa_enc_timestamp(salt.0, cred.password.expose().as_bytes(), &salt.1, when.0, when.1) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        ticket.finish(Outcome::NotSent).await;
-                        return failed(
-                            facts,
-                            Finding::new(Cause::DirectoryError, format!("{e}")),
-                            Some(account),
-                        );
-                    }
-                };
+            let pa = match messages::pa_enc_timestamp(salt.0, &key, when.0, when.1) {
+                Ok(p) => p,
+                Err(e) => {
+                    ticket.finish(Outcome::NotSent).await;
+                    return failed(
+                        facts,
+                        Finding::new(Cause::DirectoryError, format!("{e}")),
+                        Some(account),
+                    );
+                }
+            };
             let msg = match messages::as_req(
                 &AsReqInput {
                     now: when.0,
@@ -437,8 +525,8 @@ impl KerberosChecker {
                 }
             };
             ticket.sending();
-            let answer = match self.exchange(&kdc, &msg, budget).await {
-                Ok(b) => messages::read_answer(&b),
+            let (answer, rep_bytes) = match self.exchange(&kdc, &msg, budget).await {
+                Ok(b) => (messages::read_answer(&b), b),
                 Err(fail) => {
                     let f = match fail {
                         IoFail::Timeout => Finding::new(
@@ -456,13 +544,18 @@ impl KerberosChecker {
             };
             match answer {
                 Ok(AsAnswer::Rep) => {
-                    let findings: Vec<Finding> = skew.into_iter().collect();
+                    let mut findings: Vec<Finding> = skew.into_iter().collect();
                     ticket
                         .finish(Outcome::Proven {
                             findings: findings.clone(),
                             usable: true,
                         })
                         .await;
+                    if let (Some(host), true) = (spn_host, self.cfg.spn_check) {
+                        if let Some(f) = self.spn(&rep_bytes, &key, &input, host, &kdc, budget).await {
+                            findings.push(f);
+                        }
+                    }
                     return CredentialOutcome {
                         status: StageStatus::Ok,
                         detail: format!("AS exchange succeeded for {}", facts.bind_identity),
