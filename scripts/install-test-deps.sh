@@ -6,7 +6,8 @@
 #     (winpr-hash, for its SAM file) and Xvfb: tests/tests/nla_shadow.rs, tests/tests/guard.rs;
 #   - PostgreSQL (initdb, pg_ctl, psql; the tests start their own clusters): tests/tests/store.rs;
 #   - Samba as an AD DC (samba, samba-ad-dc, samba-ad-provision; the tests provision their own
-#     in a temporary directory, KDC on 127.0.0.1:88): tests/tests/kerberos.rs.
+#     in a temporary directory, KDC on 127.0.0.1:88) and faketime (the plugin's clock ahead of
+#     the KDC's): tests/tests/kerberos.rs.
 # Idempotent: installs nothing when every tool is present. Non-interactive; needs root (or sudo).
 set -euo pipefail
 
@@ -20,6 +21,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 command -v samba >/dev/null 2>&1 || missing+=(samba samba-ad-dc)
 [ -d /usr/share/samba/setup/ad-schema ] || missing+=(samba-ad-provision)
+command -v faketime >/dev/null 2>&1 || missing+=(faketime)
 
 if [ ${#missing[@]} -eq 0 ]; then
     echo "install-test-deps: slapd, ldap-utils, freerdp-shadow-cli, winpr-hash, Xvfb, PostgreSQL and Samba already installed"

@@ -206,6 +206,29 @@ async fn as_exchange_against_samba() {
     assert!(causes.contains(&"CAUSE_CRED_INVALID"), "{causes:?}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("Wrong-Pass-2"));
 
+    // The plugin's clock 10 minutes ahead (faketime): the KDC answers the pre-authenticated
+    // request with 37, which proves the password; one retry with the KDC's time, and
+    // DIRECTORY_CLOCK_SKEW beside the proof.
+    let out = std::process::Command::new("faketime")
+        .args(["-f", "+600s"])
+        .arg(integration_tests::plugin::plugin_bin())
+        .args(["check", "--host", "127.0.0.1", "--port", &port.to_string(), "--allow-loopback"])
+        .args(["--user", "good", "--domain", "EXAMPLE", "--password-env", "KRB_TEST_PW"])
+        .args(["--realm", "EXAMPLE.TEST", "--kdc", "127.0.0.1:88", "--json"])
+        .env("KRB_TEST_PW", "Good-Pass-1!")
+        .output()
+        .expect("run check under faketime (Debian package faketime)");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let causes: Vec<&str> = v["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter_map(|f| f["cause"].as_str())
+        .collect();
+    assert!(causes.contains(&"CAUSE_DIRECTORY_CLOCK_SKEW"), "{causes:?}");
+    assert!(!causes.iter().any(|c| c.starts_with("CAUSE_CRED_")), "{causes:?}");
+
     let (bad, locked) = s.bad_pwd("pat");
     assert!(bad <= 2 && !locked, "badPwdCount {bad}, locked {locked}");
     // Not locked: a checker that has not seen the failures proves the right password.
