@@ -36,6 +36,10 @@ fn cause(o: &CredentialOutcome) -> Cause {
     o.findings.first().map_or(Cause::Ok, |f| f.cause)
 }
 
+fn o_has(o: &CredentialOutcome, c: Cause) -> bool {
+    o.findings.iter().any(|f| f.cause == c)
+}
+
 fn evidence<'a>(o: &'a CredentialOutcome, key: &str) -> Option<&'a str> {
     o.findings
         .first()
@@ -131,6 +135,34 @@ async fn as_exchange_against_samba() {
         assert!(f.evidence.contains(&("ip_literal".into(), ip.to_string())), "{f:?}");
     }
 
+    // The AS-REP says when the password expires (Samba's default maxPwdAge is 42 days): inside
+    // a 60-day window it is CRED_PASSWORD_EXPIRING, a warning beside the proof; outside the
+    // default 14 days, nothing.
+    assert!(!o_has(
+        &c.check(&cred("good", "EXAMPLE", "Good-Pass-1!"), None, &budget()).await,
+        Cause::CredPasswordExpiring
+    ));
+    let wide = KerberosChecker::new(
+        KerberosFile {
+            realm: Some("EXAMPLE.TEST".into()),
+            kdcs: vec![s.kdc()],
+            expiring_days: 60,
+            ..Default::default()
+        }
+        .validate()
+        .expect("valid")
+        .expect("realm"),
+        Arc::new(Guard::memory(
+            Limits::new(Duration::from_secs(900), 1, Duration::ZERO),
+            10,
+        )),
+        Domains::default(),
+    );
+    let o = wide
+        .check(&cred("good", "EXAMPLE", "Good-Pass-1!"), None, &budget())
+        .await;
+    assert!(o.bind_succeeded && o_has(&o, Cause::CredPasswordExpiring), "{o:?}");
+
     // Must change at next logon: told only with the right password (23 + 0xC0000224).
     let o = c
         .check(&cred("mustchange", "EXAMPLE", "Must-Pass-1!"), None, &budget())
@@ -212,14 +244,21 @@ async fn as_exchange_against_samba() {
     let out = std::process::Command::new("faketime")
         .args(["-f", "+600s"])
         .arg(integration_tests::plugin::plugin_bin())
-        .args(["check", "--host", "127.0.0.1", "--port", &port.to_string(), "--allow-loopback"])
+        .args([
+            "check",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--allow-loopback",
+        ])
         .args(["--user", "good", "--domain", "EXAMPLE", "--password-env", "KRB_TEST_PW"])
         .args(["--realm", "EXAMPLE.TEST", "--kdc", "127.0.0.1:88", "--json"])
         .env("KRB_TEST_PW", "Good-Pass-1!")
         .output()
         .expect("run check under faketime (Debian package faketime)");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     let causes: Vec<&str> = v["findings"]
         .as_array()
         .expect("findings")

@@ -310,12 +310,24 @@ fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     Some((tag, b.get(hdr..end)?, b.get(end..)?))
 }
 
-/// What the TGS exchange needs from the AS-REP: the TGT and its session key.
+/// What the TGS exchange needs from the AS-REP (the TGT and its session key), and when the
+/// password expires (`key-expiration`, or a last-req of type 6 / -6), if the KDC says.
 #[derive(Clone, Debug)]
 pub struct Tgt {
     ticket: Ticket,
     session_key: Vec<u8>,
     key_etype: u8,
+    /// Seconds since the epoch.
+    pub password_expires: Option<UnixSecs>,
+}
+
+fn unix(t: &GeneralizedTimeAsn1) -> Option<UnixSecs> {
+    let d = &t.0;
+    time::Date::from_calendar_date(i32::from(d.year()), time::Month::try_from(d.month()).ok()?, d.day())
+        .ok()?
+        .with_hms(d.hour(), d.minute(), d.second())
+        .ok()
+        .map(|t| t.assume_utc().unix_timestamp())
 }
 
 /// Reads an AS-REP: decrypts its enc-part with the long-term key (key usage 3).
@@ -334,10 +346,28 @@ pub fn read_as_rep(bytes: &[u8], as_key: &[u8]) -> Result<Tgt, KrbMsgError> {
         .map(|p| p.0)
         .or_else(|_| picky_asn1_der::from_bytes::<EncTgsRepPart>(&plain).map(|p| p.0))
         .map_err(|e| KrbMsgError::Malformed(e.to_string()))?;
+    // lr-type 6: password expiration time (negative: for the principal alone).
+    let from_last_req = part
+        .last_req
+        .0
+         .0
+        .iter()
+        .filter(|lr| {
+            let b = lr.lr_type.0.as_signed_bytes_be();
+            matches!(b, [6] | [0xfa])
+        })
+        .filter_map(|lr| unix(&lr.lr_value.0))
+        .min();
+    let key_expiration = part.key_expiration.0.as_ref().and_then(|k| unix(&k.0));
+    let password_expires = match (from_last_req, key_expiration) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     Ok(Tgt {
         ticket: rep.0.ticket.0.clone(),
         session_key: part.key.0.key_value.0 .0.clone(),
         key_etype: u8::try_from(integer_u32(&part.key.0.key_type.0)).unwrap_or(0),
+        password_expires,
     })
 }
 

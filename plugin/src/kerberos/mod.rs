@@ -53,6 +53,9 @@ pub struct KerberosFile {
     /// Ask the KDC for `TERMSRV/<host the gateway dials>` once the AS exchange gave a ticket:
     /// TARGET_SPN_MISSING when Kerberos to that name is impossible (default true).
     pub spn_check: bool,
+    /// CRED_PASSWORD_EXPIRING when the AS-REP says the password expires within this many days
+    /// (default 14).
+    pub expiring_days: u32,
 }
 
 impl Default for KerberosFile {
@@ -63,6 +66,7 @@ impl Default for KerberosFile {
             timeout_ms: 3000,
             credential_check: true,
             spn_check: true,
+            expiring_days: 14,
         }
     }
 }
@@ -80,6 +84,8 @@ pub struct KerberosConfig {
     pub credential_check: bool,
     /// Ask for `TERMSRV/<host>` once the AS exchange gave a ticket.
     pub spn_check: bool,
+    /// The password-expiry warning window.
+    pub expiring_window: Duration,
 }
 
 impl KerberosFile {
@@ -132,6 +138,7 @@ impl KerberosFile {
             timeout: Duration::from_millis(self.timeout_ms),
             credential_check: self.credential_check,
             spn_check: self.spn_check,
+            expiring_window: Duration::from_secs(u64::from(self.expiring_days) * 86_400),
         }))
     }
 }
@@ -224,12 +231,34 @@ impl KerberosChecker {
         &self.cfg
     }
 
+    /// CRED_PASSWORD_EXPIRING when the password expires within the window.
+    fn expiring(&self, expires: Option<i64>, kdc: &str) -> Option<Finding> {
+        let expires = expires?;
+        let left = expires - now().0;
+        let window = i64::try_from(self.cfg.expiring_window.as_secs()).unwrap_or(i64::MAX);
+        (left < window).then(|| {
+            let when = time::OffsetDateTime::from_unix_timestamp(expires)
+                .ok()
+                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+                .unwrap_or_default();
+            Finding::new(
+                Cause::CredPasswordExpiring,
+                format!(
+                    "the password is right but expires in {} days ({when}): rotate it through the vault now",
+                    left.max(0) / 86_400
+                ),
+            )
+            .with("password_expires", when)
+            .with("seconds_left", left)
+            .with("kdc", kdc)
+        })
+    }
+
     /// Asks for `TERMSRV/<host>` with the TGT of `as_rep`: the finding when the KDC has no such
     /// principal (7); nothing when it issues the ticket (or cannot be asked: logged).
     async fn spn(
         &self,
-        as_rep: &[u8],
-        key: &[u8],
+        tgt: &messages::Tgt,
         input: &AsReqInput<'_>,
         host: &str,
         kdc: &(String, u16),
@@ -237,19 +266,17 @@ impl KerberosChecker {
     ) -> Option<Finding> {
         let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
         let principal = format!("TERMSRV/{host}@{}", self.cfg.realm);
-        let asked = messages::read_as_rep(as_rep, key).and_then(|tgt| {
-            let (t, us) = now();
-            messages::tgs_req(
-                &tgt,
-                &AsReqInput {
-                    now: t,
-                    nonce: nonce(),
-                    ..input.clone()
-                },
-                &["TERMSRV", &host],
-                us,
-            )
-        });
+        let (t, us) = now();
+        let asked = messages::tgs_req(
+            tgt,
+            &AsReqInput {
+                now: t,
+                nonce: nonce(),
+                ..input.clone()
+            },
+            &["TERMSRV", &host],
+            us,
+        );
         let msg = match asked {
             Ok(m) => m,
             Err(e) => {
@@ -551,10 +578,18 @@ impl KerberosChecker {
                             usable: true,
                         })
                         .await;
-                    if let (Some(host), true) = (spn_host, self.cfg.spn_check) {
-                        if let Some(f) = self.spn(&rep_bytes, &key, &input, host, &kdc, budget).await {
-                            findings.push(f);
+                    match messages::read_as_rep(&rep_bytes, &key) {
+                        Ok(tgt) => {
+                            if let Some(f) = self.expiring(tgt.password_expires, &facts.directory_server) {
+                                findings.push(f);
+                            }
+                            if let (Some(host), true) = (spn_host, self.cfg.spn_check) {
+                                if let Some(f) = self.spn(&tgt, &input, host, &kdc, budget).await {
+                                    findings.push(f);
+                                }
+                            }
                         }
+                        Err(e) => tracing::warn!(error = %e, "AS-REP not readable: no expiry or TERMSRV check"),
                     }
                     return CredentialOutcome {
                         status: StageStatus::Ok,
