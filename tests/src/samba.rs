@@ -68,6 +68,27 @@ impl Samba {
             String::from_utf8_lossy(&out.stderr)
         );
         std::fs::create_dir_all(dir.path().join("pid")).expect("pid dir");
+        // LDAPS with a certificate for 127.0.0.1 from a CA of the test's (Samba's own names its
+        // host name only).
+        let (ca, cert, key) = crate::slapd::test_ca_and_cert();
+        let tls = dir.path().join("tls");
+        std::fs::create_dir_all(&tls).expect("tls dir");
+        std::fs::write(tls.join("ca.pem"), ca).expect("ca");
+        std::fs::write(tls.join("cert.pem"), cert).expect("cert");
+        std::fs::write(tls.join("key.pem"), key).expect("key");
+        std::fs::set_permissions(tls.join("key.pem"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        let conf = dir.path().join("etc/smb.conf");
+        let text = std::fs::read_to_string(&conf).expect("smb.conf");
+        let t = tls.display();
+        let text = text.replacen(
+            "[global]\n",
+            &format!(
+                "[global]\n\ttls enabled = yes\n\ttls keyfile = {t}/key.pem\n\ttls certfile = {t}/cert.pem\n\ttls cafile = {t}/ca.pem\n"
+            ),
+            1,
+        );
+        std::fs::write(&conf, text).expect("smb.conf");
         let log = std::fs::File::create(dir.path().join("samba.log")).expect("log");
         let child = Command::new(tool("samba"))
             .args(["-i", "-M", "single", "-s"])
@@ -96,6 +117,16 @@ impl Samba {
     /// The server's output.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("samba.log")).unwrap_or_default()
+    }
+
+    /// `ldaps://127.0.0.1:636`.
+    pub fn ldaps_url(&self) -> String {
+        "ldaps://127.0.0.1:636".into()
+    }
+
+    /// The CA of the LDAPS certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("tls/ca.pem")
     }
 
     /// `host:port` of the KDC.
