@@ -70,11 +70,33 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Probe every target of an inventory once (never with a credential) and print the table,
+    /// or one JSON object per target per line.
+    Sweep(SweepArgs),
     /// The shared store: apply its schema migrations.
     Store {
         #[command(subcommand)]
         command: StoreCommand,
     },
+}
+
+#[derive(Args, Debug)]
+struct SweepArgs {
+    /// The inventory: CSV with the header `host,port,expected_name,expected_computer,labels`.
+    #[arg(long)]
+    inventory: PathBuf,
+    /// TOML config file (policy, trust anchors, limits).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Allow loopback targets.
+    #[arg(long)]
+    allow_loopback: bool,
+    /// Targets probed at once (default 8).
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// One JSON object per target per line (host, port, verdict, primary_cause, findings).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -198,6 +220,83 @@ pub fn main() -> ExitCode {
         Command::Store {
             command: StoreCommand::Migrate { config },
         } => store_migrate(&config),
+        Command::Sweep(args) => sweep(&args),
+    }
+}
+
+fn sweep(args: &SweepArgs) -> ExitCode {
+    let mut file = match FileConfig::load(args.config.as_deref()) {
+        Ok(f) => f,
+        Err(e) => return usage(e),
+    };
+    file.policy.allow_loopback |= args.allow_loopback;
+    let cfg = match file.validate() {
+        Ok(c) => Arc::new(c),
+        Err(e) => return usage(e),
+    };
+    init_tracing(&cfg);
+    let inventory = match std::fs::read_to_string(&args.inventory)
+        .map_err(|e| e.to_string())
+        .and_then(|t| crate::sweep::parse_inventory(&t))
+    {
+        Ok(i) => i,
+        Err(e) => return usage(format!("--inventory {}: {e}", args.inventory.display())),
+    };
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(c) => return c,
+    };
+    let reports = rt.block_on(async {
+        let (checker, _store) = Checker::open(cfg.clone()).await?;
+        Ok::<_, String>(crate::sweep::run_pass(Arc::new(checker), &inventory, args.concurrency).await)
+    });
+    let reports = match reports {
+        Ok(r) => r,
+        Err(e) => return usage(e),
+    };
+    let mut out = std::io::stdout().lock();
+    if !args.json {
+        let _ = writeln!(
+            out,
+            "{:<32} {:>5}  {:<20} {:<34} {:>8}",
+            "HOST", "PORT", "VERDICT", "PRIMARY CAUSE", "MS"
+        );
+    }
+    for r in &reports {
+        if args.json {
+            let p = crate::service::to_proto(r);
+            let full = serde_json::to_value(&p).unwrap_or_default();
+            let line = serde_json::json!({
+                "host": r.target.host,
+                "port": r.target.port,
+                "verdict": full["verdict"],
+                "primary_cause": full["primaryCause"],
+                "findings": full["findings"],
+            });
+            let _ = writeln!(out, "{line}");
+        } else {
+            let _ = writeln!(
+                out,
+                "{:<32} {:>5}  {:<20} {:<34} {:>8.1}",
+                esc(&r.target.host),
+                r.target.port,
+                r.verdict.as_str(),
+                r.primary_cause.name(),
+                r.duration.as_secs_f64() * 1000.0
+            );
+        }
+    }
+    let denied = reports
+        .iter()
+        .filter(|r| r.verdict == crate::report::Verdict::Deny)
+        .count();
+    if !args.json {
+        let _ = writeln!(out, "{} target(s), {denied} denied", reports.len());
+    }
+    if denied > 0 {
+        ExitCode::from(EXIT_DENY)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

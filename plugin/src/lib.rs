@@ -20,6 +20,7 @@ pub mod report;
 pub mod secret;
 pub mod service;
 pub mod store;
+pub mod sweep;
 
 use std::{future::Future, sync::Arc};
 
