@@ -136,8 +136,13 @@ impl Checker {
             self.prober.probe(&preq, &budget),
             self.credential(input.credential.as_ref(), Some(&input.host), &budget)
         );
+        let mut cred = cred;
         let mut nla = self.nla(&input, &mut probe, cred.as_ref().map(|c| &c.0), &budget).await;
-        let internal = probe.internal.take().or_else(|| nla.internal.take());
+        let internal = probe
+            .internal
+            .take()
+            .or_else(|| nla.internal.take())
+            .or_else(|| cred.as_mut().and_then(|c| c.0.internal.take()));
         let report = self.finish(input, probe, cred, nla, budget, started_at);
         match internal {
             None => Ok(report),

@@ -4,52 +4,33 @@
 //!
 //! `cargo run --release -p integration-tests --example kerberos_bench [-- N]`
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
-use integration_tests::{bench::Row, budget, cred, samba::Samba};
+use integration_tests::{
+    bench::{measure, Row},
+    budget, cred,
+    samba::Samba,
+};
 use rdp_preflight::{
     credential::{CredentialChecker, CredentialOutcome, DirectoryFile},
     guard::{identity::Domains, Guard, Limits},
     kerberos::{KerberosChecker, KerberosFile},
 };
 
-async fn run<F, Fut>(name: &str, n: usize, concurrency: usize, f: F) -> Row
+/// Proves worker `w`'s password with `check` (a call that must succeed).
+async fn run<F, Fut>(name: &str, n: usize, concurrency: usize, check: F) -> Row
 where
     F: Fn(usize) -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = CredentialOutcome> + Send,
 {
-    for w in 0..concurrency {
-        let o = f(w).await;
-        assert!(o.bind_succeeded, "warm-up: {o:?}");
-    }
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..concurrency {
-        let f = f.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            for _ in 0..n / concurrency {
-                let t = Instant::now();
-                let o = f(w).await;
-                assert!(o.bind_succeeded, "{o:?}");
-                lat.push(t.elapsed());
-            }
-            lat
-        }));
-    }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.expect("task"));
-    }
-    Row {
-        name: name.into(),
-        n: lat.len(),
-        wall: start.elapsed(),
-        lat,
-    }
+    measure(name, n, concurrency, move |w| {
+        let check = check.clone();
+        async move {
+            let o = check(w).await;
+            assert!(o.bind_succeeded, "{o:?}");
+        }
+    })
+    .await
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

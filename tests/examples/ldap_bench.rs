@@ -7,56 +7,28 @@
 use std::{
     process::{Command, Stdio},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use integration_tests::{
-    bench::Row,
+    bench::{measure, Row},
+    budget, cred,
     slapd::{self, Slapd},
 };
-use rdp_preflight::{
-    credential::{CredentialChecker, DirectoryFile},
-    deadline::Budget,
-    secret::{Credential, Password},
-};
+use rdp_preflight::credential::{CredentialChecker, DirectoryFile};
 
 async fn run_checker(name: &str, c: Arc<CredentialChecker>, n: usize, concurrency: usize) -> Row {
-    let cred = Arc::new(Credential {
-        username: "good".into(),
-        domain: String::new(),
-        password: Password::new(slapd::password("good").into()),
-    });
-    // warm-up (fills the pool)
-    for _ in 0..concurrency {
-        let o = c.check(&cred, &Budget::new(Duration::from_secs(10))).await;
-        assert!(o.bind_succeeded, "{o:?}");
-    }
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (c, cred) = (c.clone(), cred.clone());
-        let per = n / concurrency;
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(per);
-            for _ in 0..per {
-                let t = Instant::now();
-                let o = c.check(&cred, &Budget::new(Duration::from_secs(10))).await;
-                assert!(o.bind_succeeded, "{o:?}");
-                lat.push(t.elapsed());
-            }
-            lat
-        }));
-    }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.expect("task"));
-    }
-    Row {
-        name: name.into(),
-        n: lat.len(),
-        wall: start.elapsed(),
-        lat,
-    }
+    // One account per worker: concurrent checks of one account would share one bind.
+    measure(name, n, concurrency, move |w| {
+        let c = c.clone();
+        async move {
+            let o = c
+                .check(&cred(&format!("bench{w}"), "", "Bench-Pass-1"), &budget())
+                .await;
+            assert!(o.bind_succeeded, "{o:?}");
+        }
+    })
+    .await
 }
 
 fn run_ldapwhoami(s: &Slapd, n: usize) -> Row {

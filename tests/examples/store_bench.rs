@@ -16,7 +16,11 @@ use gateway_sim::{
     directory::{start_directory, DirectoryOptions},
     scenario::Account,
 };
-use integration_tests::{bench::Row, cred, postgres::Postgres};
+use integration_tests::{
+    bench::{measure, Row},
+    cred,
+    postgres::Postgres,
+};
 use rdp_preflight::{
     credential::{CredentialChecker, DirectoryFile},
     deadline::Budget,
@@ -73,40 +77,16 @@ async fn reservations(name: &str, g: &Guard, n: usize) -> Row {
 /// Each worker checks its own account (one account shared by concurrent checks would measure
 /// single-flight, not throughput).
 async fn checks(name: &str, c: Arc<CredentialChecker>, n: usize, concurrency: usize) -> Row {
-    // Warm-up: fills the LDAP pool (and the database pool).
-    for w in 0..concurrency {
-        let o = c
-            .check(&cred(&format!("bench{w}"), "EXAMPLE", "Bench-Pass-1"), &budget())
-            .await;
-        assert!(o.bind_succeeded, "{o:?}");
-    }
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..concurrency {
+    measure(name, n, concurrency, move |w| {
         let c = c.clone();
-        let per = n / concurrency;
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(per);
-            let user = format!("bench{w}");
-            for _ in 0..per {
-                let t = Instant::now();
-                let o = c.check(&cred(&user, "EXAMPLE", "Bench-Pass-1"), &budget()).await;
-                assert!(o.bind_succeeded, "{o:?}");
-                lat.push(t.elapsed());
-            }
-            lat
-        }));
-    }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.expect("task"));
-    }
-    Row {
-        name: name.into(),
-        n: lat.len(),
-        wall: start.elapsed(),
-        lat,
-    }
+        async move {
+            let o = c
+                .check(&cred(&format!("bench{w}"), "EXAMPLE", "Bench-Pass-1"), &budget())
+                .await;
+            assert!(o.bind_succeeded, "{o:?}");
+        }
+    })
+    .await
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

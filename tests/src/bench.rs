@@ -28,3 +28,40 @@ impl Row {
         self.n as f64 / self.wall.as_secs_f64()
     }
 }
+
+/// Runs `op(worker)` once per worker to warm up, then `n` times in all over `concurrency`
+/// workers, timing each call; `op` asserts its own success.
+pub async fn measure<F, Fut>(name: &str, n: usize, concurrency: usize, op: F) -> Row
+where
+    F: Fn(usize) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let concurrency = concurrency.max(1);
+    for w in 0..concurrency {
+        op(w).await;
+    }
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            for _ in 0..n / concurrency {
+                let t = std::time::Instant::now();
+                op(w).await;
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("benchmark task"));
+    }
+    Row {
+        name: name.into(),
+        n: lat.len(),
+        wall: start.elapsed(),
+        lat,
+    }
+}

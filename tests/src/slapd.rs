@@ -41,6 +41,15 @@ pub const USERS: &[(&str, &str, &str)] = &[
     ("mustchange", "Must-Change-1", "must_change"),
     ("grace", "Grace-Pass-1", "grace"),
     ("expiring", "Expiring-Pass-1", "expiring"),
+    // One account per benchmark worker (concurrent checks of one account share one bind).
+    ("bench0", "Bench-Pass-1", "good"),
+    ("bench1", "Bench-Pass-1", "good"),
+    ("bench2", "Bench-Pass-1", "good"),
+    ("bench3", "Bench-Pass-1", "good"),
+    ("bench4", "Bench-Pass-1", "good"),
+    ("bench5", "Bench-Pass-1", "good"),
+    ("bench6", "Bench-Pass-1", "good"),
+    ("bench7", "Bench-Pass-1", "good"),
 ];
 
 /// The password of a user in [`USERS`].

@@ -32,6 +32,48 @@ fn checker(kdcs: Vec<String>) -> KerberosChecker {
     )
 }
 
+/// `rdp-preflight check --json` with the Kerberos flags as user `good` against a refused port,
+/// the binary started through `wrapper` (e.g. faketime) when given: the report and stdout.
+fn cli_check(port: u16, password: &str, wrapper: &[&str]) -> (serde_json::Value, String) {
+    let bin = integration_tests::plugin::plugin_bin();
+    let mut cmd = match wrapper.split_first() {
+        Some((w, args)) => {
+            let mut c = std::process::Command::new(w);
+            c.args(args).arg(&bin);
+            c
+        }
+        None => std::process::Command::new(&bin),
+    };
+    let out = cmd
+        .args([
+            "check",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--allow-loopback",
+        ])
+        .args(["--user", "good", "--domain", "EXAMPLE", "--password-env", "KRB_TEST_PW"])
+        .args(["--realm", "EXAMPLE.TEST", "--kdc", "127.0.0.1:88", "--json"])
+        .env("KRB_TEST_PW", password)
+        .output()
+        .expect("run check (faketime from Debian's package faketime)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    (v, stdout)
+}
+
+fn causes_of(v: &serde_json::Value) -> Vec<String> {
+    v["findings"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f["cause"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn cause(o: &CredentialOutcome) -> Cause {
     o.findings.first().map_or(Cause::Ok, |f| f.cause)
 }
@@ -213,59 +255,18 @@ async fn as_exchange_against_samba() {
         .local_addr()
         .expect("addr")
         .port();
-    let out = std::process::Command::new(integration_tests::plugin::plugin_bin())
-        .args([
-            "check",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--allow-loopback",
-        ])
-        .args(["--user", "good", "--domain", "EXAMPLE", "--password-env", "KRB_TEST_PW"])
-        .args(["--realm", "EXAMPLE.TEST", "--kdc", "127.0.0.1:88", "--json"])
-        .env("KRB_TEST_PW", "Wrong-Pass-2!")
-        .output()
-        .expect("run check");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("proto3 JSON");
+    let (v, stdout) = cli_check(port, "Wrong-Pass-2!", &[]);
     assert_eq!(v["credential"]["checkedBy"], "kerberos", "{v}");
-    let causes: Vec<&str> = v["findings"]
-        .as_array()
-        .expect("findings")
-        .iter()
-        .filter_map(|f| f["cause"].as_str())
-        .collect();
-    assert!(causes.contains(&"CAUSE_CRED_INVALID"), "{causes:?}");
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("Wrong-Pass-2"));
+    let causes = causes_of(&v);
+    assert!(causes.contains(&"CAUSE_CRED_INVALID".to_owned()), "{causes:?}");
+    assert!(!stdout.contains("Wrong-Pass-2"));
 
     // The plugin's clock 10 minutes ahead (faketime): the KDC answers the pre-authenticated
     // request with 37, which proves the password; one retry with the KDC's time, and
     // DIRECTORY_CLOCK_SKEW beside the proof.
-    let out = std::process::Command::new("faketime")
-        .args(["-f", "+600s"])
-        .arg(integration_tests::plugin::plugin_bin())
-        .args([
-            "check",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--allow-loopback",
-        ])
-        .args(["--user", "good", "--domain", "EXAMPLE", "--password-env", "KRB_TEST_PW"])
-        .args(["--realm", "EXAMPLE.TEST", "--kdc", "127.0.0.1:88", "--json"])
-        .env("KRB_TEST_PW", "Good-Pass-1!")
-        .output()
-        .expect("run check under faketime (Debian package faketime)");
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-    let causes: Vec<&str> = v["findings"]
-        .as_array()
-        .expect("findings")
-        .iter()
-        .filter_map(|f| f["cause"].as_str())
-        .collect();
-    assert!(causes.contains(&"CAUSE_DIRECTORY_CLOCK_SKEW"), "{causes:?}");
+    let (v, _) = cli_check(port, "Good-Pass-1!", &["faketime", "-f", "+600s"]);
+    let causes = causes_of(&v);
+    assert!(causes.contains(&"CAUSE_DIRECTORY_CLOCK_SKEW".to_owned()), "{causes:?}");
     assert!(!causes.iter().any(|c| c.starts_with("CAUSE_CRED_")), "{causes:?}");
 
     let (bad, locked) = s.bad_pwd("pat");
@@ -288,4 +289,10 @@ async fn kdcs_that_refuse_are_unreachable() {
         .await;
     assert_eq!(cause(&o), Cause::DirectoryUnreachable, "{o:?}");
     assert!(evidence(&o, "attempts").is_some_and(|a| a.matches("127.0.0.1").count() == 2));
+    // A user name Kerberos strings cannot carry is our encoder's limit: an internal error, not
+    // a credential cause, and nothing is sent.
+    let o = checker(vec![format!("127.0.0.1:{port}")])
+        .check(&cred("andr\u{e9}", "EXAMPLE", "Good-Pass-1!"), None, &budget())
+        .await;
+    assert!(o.internal.is_some() && o.findings.is_empty(), "{o:?}");
 }

@@ -52,6 +52,9 @@ pub struct CredentialOutcome {
     /// The lockout guard's key for the account, once known: the NLA stage spends attempts
     /// from the same budget.
     pub account: Option<AccountKey>,
+    /// Our own side failed (an encoder or crypto library error): the check answers an internal
+    /// error, never a credential cause.
+    pub internal: Option<String>,
 }
 
 struct PooledConn {
@@ -198,6 +201,7 @@ impl Ctx {
             bind_succeeded: false,
             detail,
             account: self.account,
+            internal: None,
         }
     }
 
@@ -235,6 +239,7 @@ impl Ctx {
                     bind_succeeded: usable,
                     detail,
                     account: self.account,
+                    internal: None,
                 }
             }
         }
@@ -916,6 +921,7 @@ fn judge(ctx: Ctx, rc: u32, text: &str, data: Option<&str>, pp: PpolicyResponse)
             bind_succeeded: true,
             detail,
             account: ctx.account,
+            internal: None,
         };
         return (outcome, guard);
     }

@@ -97,18 +97,22 @@ pub struct AsReqInput<'a> {
     pub now: UnixSecs,
 }
 
-/// Encodes an AS-REQ for `krbtgt/REALM`; `padata` goes in as given.
-pub fn as_req(input: &AsReqInput<'_>, padata: Vec<PaData>) -> Result<Vec<u8>, KrbMsgError> {
+/// KDC-REQ-BODY: forwardable, renewable, canonicalize; a ticket for ten hours; AES etypes.
+fn req_body(
+    input: &AsReqInput<'_>,
+    cname: Option<PrincipalName>,
+    sname: PrincipalName,
+) -> Result<KdcReqBody, KrbMsgError> {
     // forwardable (1), renewable (8), canonicalize (15)
     let mut flags = picky_asn1::bit_string::BitString::with_len(32);
     for bit in [1, 8, 15] {
         flags.set(bit, true);
     }
-    let body = KdcReqBody {
+    Ok(KdcReqBody {
         kdc_options: ExplicitContextTag0::from(KerberosFlags::from(flags)),
-        cname: Optional::from(Some(ExplicitContextTag1::from(principal(1, &[input.user])?))),
+        cname: Optional::from(cname.map(ExplicitContextTag1::from)),
         realm: ExplicitContextTag2::from(kstr(input.realm)?),
-        sname: Optional::from(Some(ExplicitContextTag3::from(principal(2, &["krbtgt", input.realm])?))),
+        sname: Optional::from(Some(ExplicitContextTag3::from(sname))),
         from: Optional::from(None),
         till: ExplicitContextTag5::from(time(input.now + 10 * 3600)?),
         rtime: Optional::from(None),
@@ -119,14 +123,28 @@ pub fn as_req(input: &AsReqInput<'_>, padata: Vec<PaData>) -> Result<Vec<u8>, Kr
         addresses: Optional::from(None),
         enc_authorization_data: Optional::from(None),
         additional_tickets: Optional::from(None),
-    };
+    })
+}
+
+/// DER of a message we build: a failure is ours.
+fn der_of<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, KrbMsgError> {
+    picky_asn1_der::to_vec(v).map_err(|e| KrbMsgError::Internal(e.to_string()))
+}
+
+/// Encodes an AS-REQ for `krbtgt/REALM`; `padata` goes in as given.
+pub fn as_req(input: &AsReqInput<'_>, padata: Vec<PaData>) -> Result<Vec<u8>, KrbMsgError> {
+    let body = req_body(
+        input,
+        Some(principal(1, &[input.user])?),
+        principal(2, &["krbtgt", input.realm])?,
+    )?;
     let req = AsReq::from(KdcReq {
         pvno: ExplicitContextTag1::from(IntegerAsn1::from(vec![5])),
         msg_type: ExplicitContextTag2::from(IntegerAsn1::from(vec![10])),
         padata: Optional::from((!padata.is_empty()).then(|| ExplicitContextTag3::from(Asn1SequenceOf::from(padata)))),
         req_body: ExplicitContextTag4::from(body),
     });
-    picky_asn1_der::to_vec(&req).map_err(|e| KrbMsgError::Internal(e.to_string()))
+    der_of(&req)
 }
 
 /// The suite of an etype number we asked for.
@@ -156,7 +174,7 @@ pub fn pa_enc_timestamp(etype: u8, key: &[u8], now: UnixSecs, usec: u32) -> Resu
         patimestamp: ExplicitContextTag0::from(time(now)?),
         pausec: Optional::from(Some(ExplicitContextTag1::from(int(usec % 1_000_000)))),
     };
-    let plain = picky_asn1_der::to_vec(&ts).map_err(|e| KrbMsgError::Internal(e.to_string()))?;
+    let plain = der_of(&ts)?;
     let sealed = cipher
         .encrypt(key, 1, &plain)
         .map_err(|e| KrbMsgError::Internal(e.to_string()))?;
@@ -165,7 +183,7 @@ pub fn pa_enc_timestamp(etype: u8, key: &[u8], now: UnixSecs, usec: u32) -> Resu
         kvno: Optional::from(None),
         cipher: ExplicitContextTag2::from(OctetStringAsn1::from(sealed)),
     };
-    let data = picky_asn1_der::to_vec(&enc).map_err(|e| KrbMsgError::Internal(e.to_string()))?;
+    let data = der_of(&enc)?;
     Ok(PaData {
         padata_type: ExplicitContextTag1::from(IntegerAsn1::from(vec![PA_ENC_TIMESTAMP])),
         padata_data: ExplicitContextTag2::from(OctetStringAsn1::from(data)),
@@ -215,17 +233,7 @@ pub fn read_answer(bytes: &[u8]) -> Result<AsAnswer, KrbMsgError> {
             let e: KrbError = picky_asn1_der::from_bytes(bytes).map_err(|e| KrbMsgError::Malformed(e.to_string()))?;
             let inner = &e.0;
             let code = inner.error_code.0;
-            let stime = {
-                let d = &inner.stime.0 .0;
-                time::Date::from_calendar_date(
-                    i32::from(d.year()),
-                    time::Month::try_from(d.month()).unwrap_or(time::Month::January),
-                    d.day(),
-                )
-                .ok()
-                .and_then(|day| day.with_hms(d.hour(), d.minute(), d.second()).ok())
-                .map(|t| t.assume_utc().unix_timestamp())
-            };
+            let stime = unix(&inner.stime.0);
             let text = inner.e_text.0.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
             let mut out = KdcError {
                 code,
@@ -374,27 +382,8 @@ pub fn read_as_rep(bytes: &[u8], as_key: &[u8]) -> Result<Tgt, KrbMsgError> {
 /// A TGS-REQ for `service` (e.g. `["TERMSRV", "rdp01.example.test"]`) with the TGT: an AP-REQ
 /// whose authenticator carries the checksum of the request body (key usages 6 and 7).
 pub fn tgs_req(tgt: &Tgt, input: &AsReqInput<'_>, service: &[&str], usec: u32) -> Result<Vec<u8>, KrbMsgError> {
-    let mut flags = picky_asn1::bit_string::BitString::with_len(32);
-    for bit in [1, 8, 15] {
-        flags.set(bit, true);
-    }
-    let body = KdcReqBody {
-        kdc_options: ExplicitContextTag0::from(KerberosFlags::from(flags)),
-        cname: Optional::from(None),
-        realm: ExplicitContextTag2::from(kstr(input.realm)?),
-        sname: Optional::from(Some(ExplicitContextTag3::from(principal(2, service)?))),
-        from: Optional::from(None),
-        till: ExplicitContextTag5::from(time(input.now + 10 * 3600)?),
-        rtime: Optional::from(None),
-        nonce: ExplicitContextTag7::from(int(input.nonce & 0x7FFF_FFFF)),
-        etype: ExplicitContextTag8::from(Asn1SequenceOf::from(
-            ETYPES.iter().map(|e| IntegerAsn1::from(vec![*e])).collect::<Vec<_>>(),
-        )),
-        addresses: Optional::from(None),
-        enc_authorization_data: Optional::from(None),
-        additional_tickets: Optional::from(None),
-    };
-    let body_der = picky_asn1_der::to_vec(&body).map_err(|e| KrbMsgError::Internal(e.to_string()))?;
+    let body = req_body(input, None, principal(2, service)?)?;
+    let body_der = der_of(&body)?;
     let (ck_type, ck_suite) = match tgt.key_etype {
         18 => (16u8, ChecksumSuite::HmacSha196Aes256),
         17 => (15u8, ChecksumSuite::HmacSha196Aes128),
@@ -418,7 +407,7 @@ pub fn tgs_req(tgt: &Tgt, input: &AsReqInput<'_>, service: &[&str], usec: u32) -
         seq_number: Optional::from(None),
         authorization_data: Optional::from(None),
     });
-    let auth_der = picky_asn1_der::to_vec(&auth).map_err(|e| KrbMsgError::Internal(e.to_string()))?;
+    let auth_der = der_of(&auth)?;
     let sealed = suite(tgt.key_etype)
         .ok_or_else(|| KrbMsgError::Internal("session key etype".into()))?
         .cipher()
@@ -437,9 +426,7 @@ pub fn tgs_req(tgt: &Tgt, input: &AsReqInput<'_>, service: &[&str], usec: u32) -
     });
     let pa = PaData {
         padata_type: ExplicitContextTag1::from(IntegerAsn1::from(vec![1])),
-        padata_data: ExplicitContextTag2::from(OctetStringAsn1::from(
-            picky_asn1_der::to_vec(&ap).map_err(|e| KrbMsgError::Internal(e.to_string()))?,
-        )),
+        padata_data: ExplicitContextTag2::from(OctetStringAsn1::from(der_of(&ap)?)),
     };
     let req = TgsReq::from(KdcReq {
         pvno: ExplicitContextTag1::from(IntegerAsn1::from(vec![5])),
@@ -447,7 +434,7 @@ pub fn tgs_req(tgt: &Tgt, input: &AsReqInput<'_>, service: &[&str], usec: u32) -
         padata: Optional::from(Some(ExplicitContextTag3::from(Asn1SequenceOf::from(vec![pa])))),
         req_body: ExplicitContextTag4::from(body),
     });
-    picky_asn1_der::to_vec(&req).map_err(|e| KrbMsgError::Internal(e.to_string()))
+    der_of(&req)
 }
 
 /// The KDC's answer to a TGS-REQ: `None` for a TGS-REP ([APPLICATION 13]), else the KRB-ERROR.

@@ -370,7 +370,18 @@ impl KerberosChecker {
                 bind_succeeded: false,
                 detail,
                 account,
+                internal: None,
             }
+        };
+        // Our own encoder or crypto failed: an internal error, never a credential cause.
+        let internal = |facts: CredentialFacts, e: messages::KrbMsgError, account| CredentialOutcome {
+            status: StageStatus::NotRun,
+            findings: Vec::new(),
+            facts,
+            bind_succeeded: false,
+            detail: format!("internal error: {e}"),
+            account,
+            internal: Some(format!("Kerberos: {e}")),
         };
         if user.is_empty() || cred.password.is_empty() {
             return failed(
@@ -397,13 +408,7 @@ impl KerberosChecker {
         };
         let first = match messages::as_req(&input, vec![]) {
             Ok(m) => m,
-            Err(e) => {
-                return failed(
-                    facts,
-                    Finding::new(Cause::CredInvalid, format!("{e}")).with("kerberos", "encode"),
-                    Some(account),
-                )
-            }
+            Err(e) => return internal(facts, e, Some(account)),
         };
         // Step 1: the salt (no password sent), KDCs in order.
         let mut errors = Vec::new();
@@ -505,6 +510,7 @@ impl KerberosChecker {
                     facts,
                     bind_succeeded: usable,
                     account: Some(account),
+                    internal: None,
                 };
             }
         };
@@ -512,11 +518,7 @@ impl KerberosChecker {
             Ok(k) => zeroize::Zeroizing::new(k),
             Err(e) => {
                 ticket.finish(Outcome::NotSent).await;
-                return failed(
-                    facts,
-                    Finding::new(Cause::DirectoryError, format!("{e}")),
-                    Some(account),
-                );
+                return internal(facts, e, Some(account));
             }
         };
         let mut skew: Option<Finding> = None;
@@ -526,11 +528,7 @@ impl KerberosChecker {
                 Ok(p) => p,
                 Err(e) => {
                     ticket.finish(Outcome::NotSent).await;
-                    return failed(
-                        facts,
-                        Finding::new(Cause::DirectoryError, format!("{e}")),
-                        Some(account),
-                    );
+                    return internal(facts, e, Some(account));
                 }
             };
             let msg = match messages::as_req(
@@ -544,11 +542,7 @@ impl KerberosChecker {
                 Ok(m) => m,
                 Err(e) => {
                     ticket.finish(Outcome::NotSent).await;
-                    return failed(
-                        facts,
-                        Finding::new(Cause::DirectoryError, format!("{e}")),
-                        Some(account),
-                    );
+                    return internal(facts, e, Some(account));
                 }
             };
             ticket.sending();
@@ -598,6 +592,7 @@ impl KerberosChecker {
                         facts,
                         bind_succeeded: true,
                         account: Some(account),
+                        internal: None,
                     };
                 }
                 Ok(AsAnswer::Error(e)) if e.code == 37 && round == 0 => {
