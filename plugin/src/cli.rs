@@ -247,8 +247,12 @@ fn sweep(args: &SweepArgs) -> ExitCode {
         Err(c) => return c,
     };
     let reports = rt.block_on(async {
-        let (checker, _store) = Checker::open(cfg.clone()).await?;
-        Ok::<_, String>(crate::sweep::run_pass(Arc::new(checker), &inventory, args.concurrency).await)
+        let (checker, store) = Checker::open(cfg.clone()).await?;
+        // With the shared store, the pass is part of the cluster's history.
+        let history = store.map(|s| {
+            Arc::new(crate::store::history::PgHistory::new(s, cfg.history)) as Arc<dyn crate::history::History>
+        });
+        Ok::<_, String>(crate::sweep::run_pass(Arc::new(checker), &inventory, args.concurrency, history).await)
     });
     let reports = match reports {
         Ok(r) => r,

@@ -64,6 +64,8 @@ pub struct FileConfig {
     pub store: crate::store::StoreFile,
     /// `[kerberos]`: the credential proven by an AS exchange with the KDC.
     pub kerberos: crate::kerberos::KerberosFile,
+    /// `[history]`: every check's outcome, its retention, and the trend settings.
+    pub history: crate::history::HistoryFile,
 }
 
 /// `[nla]`: the NLA stage, run after a clean TLS stage when the server selected HYBRID or
@@ -404,6 +406,8 @@ pub struct Config {
     pub store: Option<crate::store::StoreConfig>,
     /// Kerberos (`None`: no realm configured).
     pub kerberos: Option<crate::kerberos::KerberosConfig>,
+    /// The check history's retention and trend settings.
+    pub history: crate::history::HistoryConfig,
     /// The file mirror this was built from (for `config check`).
     pub file: FileConfig,
 }
@@ -681,6 +685,7 @@ impl FileConfig {
             admin_listen: self.admin.validate().map_err(ConfigError)?,
             directory: self.directory.validate().map_err(ConfigError)?,
             kerberos: self.kerberos.validate().map_err(ConfigError)?,
+            history: self.history.validate().map_err(ConfigError)?,
             store: {
                 let store = self.store.validate().map_err(ConfigError)?;
                 if self.audit.backend == "store" && store.is_none() {

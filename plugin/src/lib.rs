@@ -11,6 +11,7 @@ pub mod config;
 pub mod credential;
 pub mod deadline;
 pub mod guard;
+pub mod history;
 pub mod kerberos;
 pub mod metrics;
 pub mod nla;
@@ -126,7 +127,11 @@ pub async fn serve_with_ready(
     if let Some(s) = &store {
         metrics.set_store(s.clone());
     }
-    let (router, reporter) = service::router(Arc::new(checker), audit.clone(), metrics).await?;
+    let history: Arc<dyn history::History> = match &store {
+        Some(s) => Arc::new(store::history::PgHistory::new(s.clone(), cfg.history)),
+        None => Arc::new(history::MemoryHistory::new(cfg.history)),
+    };
+    let (router, reporter) = service::router(Arc::new(checker), audit.clone(), metrics, history).await?;
     // Health follows the shared store: NOT_SERVING while it is down, SERVING when it is back.
     let (stop_watch, watch_stopped) = tokio::sync::watch::channel(false);
     let watcher = store.map(|s| {

@@ -15,6 +15,7 @@ use crate::{
     cause::{self, Cause, Stage, CATALOG},
     check::{CheckInput, Checker},
     config::Config,
+    history::{Entry, History, Source},
     metrics::Metrics,
     probe::x224::protocol,
     report::{Report, StageStatus, Verdict},
@@ -34,12 +35,18 @@ pub struct PreflightService {
     running: Arc<Semaphore>,
     audit: Option<AuditLog>,
     metrics: Arc<Metrics>,
+    history: Arc<dyn History>,
 }
 
 impl PreflightService {
     /// A service running checks on `checker`, with the config's admission limits, recording to
     /// `audit` what its config asks for.
-    pub fn new(checker: Arc<Checker>, audit: Option<AuditLog>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        checker: Arc<Checker>,
+        audit: Option<AuditLog>,
+        metrics: Arc<Metrics>,
+        history: Arc<dyn History>,
+    ) -> Self {
         let cfg = checker.config();
         PreflightService {
             admission: Arc::new(Semaphore::new(cfg.max_concurrent_checks + cfg.max_queued_checks)),
@@ -47,6 +54,7 @@ impl PreflightService {
             checker,
             audit,
             metrics,
+            history,
         }
     }
 }
@@ -64,6 +72,8 @@ impl pb::preflight_server::Preflight for PreflightService {
         };
         let tracked = self.metrics.track();
         let recorded = self.audit.as_ref().map(|_| input.clone());
+        let (host, port) = (input.host.clone(), input.port);
+        let account = input.credential.as_ref().map(crate::history::account_label);
         let _slot = self
             .running
             .clone()
@@ -100,6 +110,10 @@ impl pb::preflight_server::Preflight for PreflightService {
             }
         }
         tracked.finish(&report);
+        record_history(
+            &self.history,
+            Entry::new(&report, &host, port, account, Source::Gateway),
+        );
         span.in_scope(|| {
             tracing::info!(
                 check_id = %report.check_id,
@@ -134,6 +148,17 @@ impl pb::preflight_server::Preflight for PreflightService {
             .collect();
         Ok(Response::new(pb::ListCausesResponse { causes }))
     }
+}
+
+/// Keeps a check's outcome in the history without delaying the answer; a history that cannot
+/// be written is logged, never a reason to withhold a verdict.
+pub fn record_history(history: &Arc<dyn History>, entry: Entry) {
+    let h = history.clone();
+    tokio::spawn(async move {
+        if let Err(e) = h.record(entry).await {
+            tracing::warn!(error = %e, "check history not written");
+        }
+    });
 }
 
 /// Parses the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`).
@@ -510,6 +535,7 @@ pub async fn router(
     checker: Arc<Checker>,
     audit: Option<AuditLog>,
     metrics: Arc<Metrics>,
+    history: Arc<dyn History>,
 ) -> Result<(tonic::transport::server::Router, tonic_health::server::HealthReporter), String> {
     let cfg = checker.config().clone();
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -548,7 +574,7 @@ pub async fn router(
             }
         }
     };
-    let svc = pb::preflight_server::PreflightServer::new(PreflightService::new(checker, audit, metrics))
+    let svc = pb::preflight_server::PreflightServer::new(PreflightService::new(checker, audit, metrics, history))
         .max_decoding_message_size(64 * 1024);
     let svc = tonic::service::interceptor::InterceptedService::new(svc, auth);
     let mut builder = tonic::transport::Server::builder();

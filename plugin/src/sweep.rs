@@ -10,6 +10,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use crate::{
     check::{CheckInput, Checker},
+    history::{Entry, History, Source},
     report::Report,
 };
 
@@ -85,8 +86,13 @@ pub fn parse_inventory(text: &str) -> Result<Vec<InventoryTarget>, String> {
 }
 
 /// Probes every target, at most `concurrency` at once, without a credential; the reports in
-/// inventory order.
-pub async fn run_pass(checker: Arc<Checker>, targets: &[InventoryTarget], concurrency: usize) -> Vec<Report> {
+/// inventory order, each kept in `history` when given.
+pub async fn run_pass(
+    checker: Arc<Checker>,
+    targets: &[InventoryTarget],
+    concurrency: usize,
+    history: Option<Arc<dyn History>>,
+) -> Vec<Report> {
     let cfg = checker.config().clone();
     let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = Vec::new();
@@ -109,10 +115,17 @@ pub async fn run_pass(checker: Arc<Checker>, targets: &[InventoryTarget], concur
             requester_source: "sweep".into(),
             budget: cfg.default_budget.max(Duration::from_secs(1)),
         };
-        let (checker, sem) = (checker.clone(), sem.clone());
+        let (checker, sem, history) = (checker.clone(), sem.clone(), history.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await;
-            checker.check(input).await
+            let (host, port) = (input.host.clone(), input.port);
+            let report = checker.check(input).await;
+            if let Some(h) = history {
+                if let Err(e) = h.record(Entry::new(&report, &host, port, None, Source::Sweep)).await {
+                    tracing::warn!(error = %e, "check history not written");
+                }
+            }
+            report
         }));
     }
     let mut out = Vec::with_capacity(tasks.len());

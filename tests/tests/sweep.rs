@@ -1,10 +1,14 @@
 //! `rdp-preflight sweep`: one pass over an inventory of the simulated fleet, never with a
-//! credential.
+//! credential; the check history in the shared store.
 
 use std::process::Command;
 
 use gateway_sim::{demo::Harness, driver::DirectoryHandle, scenario::Scenario};
-use integration_tests::plugin::plugin_bin;
+use integration_tests::{plugin::plugin_bin, postgres::Postgres};
+use rdp_preflight::{
+    history::{now_ms, trend, Entry, History, HistoryFile, Source},
+    store::{history::PgHistory, Store, StoreFile},
+};
 
 const SCENARIO: &str = r#"
 [[target]]
@@ -111,4 +115,94 @@ async fn a_sweep_reports_every_target_and_sends_no_credential() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A store for the history tests: PostgreSQL without TLS on loopback, with a guard key.
+fn store_file(pg: &Postgres, dir: &std::path::Path) -> StoreFile {
+    let key = dir.join("guard.key");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef-sweep-test-key\n").expect("key");
+    StoreFile {
+        url: Some(pg.url()),
+        tls: "disable".into(),
+        hmac_key_file: Some(key),
+        ..Default::default()
+    }
+}
+
+fn entry(at_ms: i64, target: &str, cause: &str) -> Entry {
+    Entry {
+        at_ms,
+        target: target.into(),
+        source: Source::Gateway,
+        check_id: format!("{at_ms:020}"),
+        verdict: if cause == "OK" { "allow" } else { "deny" }.into(),
+        primary_cause: cause.into(),
+        causes: vec![cause.into()],
+        stages: vec![("tcp".into(), 250)],
+        cert_fingerprint: "ab".repeat(32),
+        cert_not_after: Some(at_ms / 1000 + 86_400),
+        account: Some("EXAMPLE\\nina".into()),
+    }
+}
+
+/// The history in PostgreSQL: pages newest first, a time range oldest first, and entries
+/// older than the retention deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_in_the_store_pages_and_forgets_what_is_past_retention() {
+    let pg = Postgres::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = Store::open(store_file(&pg, tmp.path()).validate().expect("valid").expect("store"))
+        .await
+        .expect("store opens");
+    let cfg = HistoryFile {
+        retention_secs: 86_400,
+        flap_window_secs: 3600,
+        ..Default::default()
+    }
+    .validate()
+    .expect("valid");
+    let now = now_ms();
+    // Written by another replica two days ago: past retention.
+    pg.psql(&format!(
+        "INSERT INTO check_history VALUES ('00000000000000000001', 'old:3389', now() - interval '2 days', '{}')",
+        serde_json::to_string(&entry(now - 2 * 86_400_000, "old:3389", "OK")).expect("json")
+    ));
+    let h = PgHistory::new(store, cfg);
+    for i in 0..5 {
+        let cause = if i % 2 == 0 { "OK" } else { "TCP_TIMEOUT" };
+        h.record(entry(now - 10_000 + i, "a:3389", cause))
+            .await
+            .expect("recorded");
+    }
+    h.record(entry(now - 5000, "b:3389", "CERT_EXPIRED"))
+        .await
+        .expect("recorded");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM check_history").trim(),
+        "6",
+        "the old entry is gone"
+    );
+    let page = h.target("a:3389", None, 2).await.expect("page");
+    assert_eq!(
+        page.iter().map(|e| e.at_ms).collect::<Vec<_>>(),
+        [now - 9996, now - 9997]
+    );
+    assert_eq!(
+        page[0],
+        entry(now - 9996, "a:3389", "OK"),
+        "an entry comes back as written"
+    );
+    let next = h
+        .target("a:3389", page.last().map(|e| e.check_id.as_str()), 10)
+        .await
+        .expect("page");
+    assert_eq!(next.len(), 3);
+    let all = h.since(now - 60_000).await.expect("range");
+    assert_eq!(all.len(), 6);
+    assert!(all.windows(2).all(|w| w[0].at_ms <= w[1].at_ms), "oldest first");
+    let states = trend::states(&all, now, 3_600_000, 3);
+    assert_eq!(states.len(), 2);
+    assert_eq!((states[0].changes, states[0].flapping), (4, true));
+    // No password column, no password anywhere: the account as the audit record names it.
+    assert!(!pg.psql("SELECT entry::text FROM check_history").contains("password"));
 }

@@ -51,6 +51,18 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
          first_seen    timestamptz NOT NULL DEFAULT now()
      );",
     ),
+    (
+        4,
+        "check history",
+        "CREATE TABLE check_history (
+         check_id text        PRIMARY KEY,          -- time-sortable (ULID)
+         target   text        NOT NULL,             -- host:port as requested
+         at       timestamptz NOT NULL,             -- start of the check
+         entry    jsonb       NOT NULL              -- the history entry (never a password)
+     );
+     CREATE INDEX check_history_at ON check_history (at);
+     CREATE INDEX check_history_target ON check_history (target, check_id);",
+    ),
 ];
 
 /// Applies what is missing.

@@ -17,6 +17,7 @@
 
 pub mod audit;
 pub mod guard;
+pub mod history;
 mod migrations;
 pub mod pins;
 
