@@ -66,6 +66,8 @@ pub struct FileConfig {
     pub kerberos: crate::kerberos::KerberosFile,
     /// `[history]`: every check's outcome, its retention, and the trend settings.
     pub history: crate::history::HistoryFile,
+    /// `[sweep]`: the scheduled sweep of an inventory.
+    pub sweep: crate::sweep::SweepFile,
 }
 
 /// `[nla]`: the NLA stage, run after a clean TLS stage when the server selected HYBRID or
@@ -408,6 +410,8 @@ pub struct Config {
     pub kerberos: Option<crate::kerberos::KerberosConfig>,
     /// The check history's retention and trend settings.
     pub history: crate::history::HistoryConfig,
+    /// The scheduled sweep (`None`: no inventory).
+    pub sweep: Option<crate::sweep::SweepConfig>,
     /// The file mirror this was built from (for `config check`).
     pub file: FileConfig,
 }
@@ -686,6 +690,7 @@ impl FileConfig {
             directory: self.directory.validate().map_err(ConfigError)?,
             kerberos: self.kerberos.validate().map_err(ConfigError)?,
             history: self.history.validate().map_err(ConfigError)?,
+            sweep: self.sweep.validate().map_err(ConfigError)?,
             store: {
                 let store = self.store.validate().map_err(ConfigError)?;
                 if self.audit.backend == "store" && store.is_none() {

@@ -131,7 +131,22 @@ pub async fn serve_with_ready(
         Some(s) => Arc::new(store::history::PgHistory::new(s.clone(), cfg.history)),
         None => Arc::new(history::MemoryHistory::new(cfg.history)),
     };
-    let (router, reporter) = service::router(Arc::new(checker), audit.clone(), metrics, history).await?;
+    let checker = Arc::new(checker);
+    // The scheduled sweep, one per interval for the cluster when the store holds the lease.
+    let (stop_sweep, sweep_stopped) = tokio::sync::watch::channel(false);
+    let sweeper = cfg.sweep.clone().map(|sc| {
+        let lease: Arc<dyn sweep::Lease> = match &store {
+            Some(s) => Arc::new(store::lease::PgLease::new(s.clone(), ulid::Ulid::new().to_string())),
+            None => Arc::new(sweep::LocalLease),
+        };
+        tracing::info!(inventory = %sc.inventory.display(), interval_secs = sc.interval.as_secs(), "scheduled sweep on");
+        let scheduler = Arc::new(sweep::Scheduler::new(checker.clone(), sc, history.clone(), lease));
+        let mut rx = sweep_stopped.clone();
+        tokio::spawn(scheduler.run(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }))
+    });
+    let (router, reporter) = service::router(checker, audit.clone(), metrics, history).await?;
     // Health follows the shared store: NOT_SERVING while it is down, SERVING when it is back.
     let (stop_watch, watch_stopped) = tokio::sync::watch::channel(false);
     let watcher = store.map(|s| {
@@ -151,6 +166,10 @@ pub async fn serve_with_ready(
     ready(&bound.describe());
     let shutdown = async move {
         shutdown.await;
+        let _ = stop_sweep.send(true);
+        if let Some(s) = sweeper {
+            let _ = s.await;
+        }
         let _ = stop_watch.send(true);
         if let Some(w) = watcher {
             let _ = w.await;

@@ -5,8 +5,24 @@
 //! The inventory is a CSV file with a header line, columns
 //! `host,port,expected_name,expected_computer,labels` (all but `host` may be empty; `labels` as
 //! `site=par;team=win`). A bad line is an error naming the line.
+//!
+//! `serve` with `[sweep] inventory` sweeps on a schedule ([`Scheduler`]): one sweep per slot of
+//! `interval_secs` (slots are aligned on the Unix epoch, so every replica agrees on them), the
+//! targets spread over the slot with jitter (never all at once), at most `concurrency` checks
+//! at once and `per_host_concurrency` per host. With the shared store a lease decides which
+//! replica sweeps a slot ([`crate::store::lease`]): one sweep per interval for the cluster. The
+//! inventory is read again when the file changes; a bad new version is logged with its line
+//! and the last good one kept.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
 
 use crate::{
     check::{CheckInput, Checker},
@@ -85,6 +101,256 @@ pub fn parse_inventory(text: &str) -> Result<Vec<InventoryTarget>, String> {
     Ok(out)
 }
 
+/// `[sweep]`: the scheduled sweep, as written in the config file.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SweepFile {
+    /// The inventory CSV (default none: no scheduled sweep).
+    pub inventory: Option<PathBuf>,
+    /// One sweep per interval (default 900 s).
+    pub interval_secs: u64,
+    /// Sweep checks at once, over all targets (default 8).
+    pub concurrency: usize,
+    /// Sweep checks at once towards one host (default 1).
+    pub per_host_concurrency: usize,
+}
+
+impl Default for SweepFile {
+    fn default() -> Self {
+        SweepFile {
+            inventory: None,
+            interval_secs: 900,
+            concurrency: 8,
+            per_host_concurrency: 1,
+        }
+    }
+}
+
+/// The validated `[sweep]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SweepConfig {
+    /// The inventory file (read at start to validate it, then whenever it changes).
+    pub inventory: PathBuf,
+    /// The slot length.
+    pub interval: Duration,
+    /// Global limit.
+    pub concurrency: usize,
+    /// Per-host limit.
+    pub per_host: usize,
+}
+
+impl SweepFile {
+    /// Validates (`None` without an inventory); the inventory is read now, so a bad line stops
+    /// the start with the key, the file and the line.
+    pub fn validate(&self) -> Result<Option<SweepConfig>, String> {
+        if self.interval_secs == 0 || self.interval_secs > 7 * 86_400 {
+            return Err("sweep.interval_secs: between 1 and 604800".into());
+        }
+        if self.concurrency == 0 {
+            return Err("sweep.concurrency: must be > 0".into());
+        }
+        if self.per_host_concurrency == 0 {
+            return Err("sweep.per_host_concurrency: must be > 0".into());
+        }
+        let Some(path) = &self.inventory else {
+            return Ok(None);
+        };
+        read_inventory(path).map_err(|e| format!("sweep.inventory: {e}"))?;
+        Ok(Some(SweepConfig {
+            inventory: path.clone(),
+            interval: Duration::from_secs(self.interval_secs),
+            concurrency: self.concurrency,
+            per_host: self.per_host_concurrency,
+        }))
+    }
+}
+
+/// Reads and parses an inventory file; errors name the file and the line.
+pub fn read_inventory(path: &std::path::Path) -> Result<Vec<InventoryTarget>, String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| parse_inventory(&t))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The input of a sweep check: the inventory's target, the config's defaults, never a
+/// credential (a sweep cannot spend a lockout attempt).
+fn sweep_input(cfg: &crate::config::Config, t: &InventoryTarget, request_id: String) -> CheckInput {
+    CheckInput {
+        request_id,
+        host: t.host.clone(),
+        port: t.port.unwrap_or(cfg.default_port),
+        expected_name: if t.expected_name.is_empty() {
+            t.host.clone()
+        } else {
+            t.expected_name.clone()
+        },
+        requested: cfg.default_protocols,
+        minimum: cfg.minimum_protocol,
+        expected_computer: t.expected_computer.clone(),
+        credential: None,
+        requester_user: "sweep".into(),
+        requester_source: "sweep".into(),
+        budget: cfg.default_budget.max(Duration::from_secs(1)),
+    }
+}
+
+/// Runs one check of a sweep and keeps it in the history.
+async fn sweep_check(checker: &Checker, input: CheckInput, history: Option<&Arc<dyn History>>) -> Report {
+    let (host, port) = (input.host.clone(), input.port);
+    let report = checker.check(input).await;
+    if let Some(h) = history {
+        if let Err(e) = h.record(Entry::new(&report, &host, port, None, Source::Sweep)).await {
+            tracing::warn!(error = %e, "check history not written");
+        }
+    }
+    report
+}
+
+/// Who may sweep a slot: always this replica, or the holder of the store's lease.
+pub trait Lease: Send + Sync + 'static {
+    /// Whether this replica sweeps slot `slot` (the first to claim it does).
+    fn claim(&self, slot: i64) -> futures::future::BoxFuture<'_, Result<bool, String>>;
+}
+
+/// Without the store: one replica, every slot is its own.
+pub struct LocalLease;
+
+impl Lease for LocalLease {
+    fn claim(&self, _slot: i64) -> futures::future::BoxFuture<'_, Result<bool, String>> {
+        Box::pin(async { Ok(true) })
+    }
+}
+
+/// Offsets of `n` checks within a slot of `interval`: check `i` in the `i`-th of `n` equal
+/// parts, at a random point of it (`jitter[i]` in `[0, 1)`), so the checks are spread over the
+/// slot and never start together.
+pub fn offsets(interval: Duration, jitter: &[f64]) -> Vec<Duration> {
+    let n = jitter.len().max(1) as f64;
+    jitter
+        .iter()
+        .enumerate()
+        .map(|(i, j)| interval.mul_f64(((i as f64 + j.clamp(0.0, 0.999)) / n).min(1.0)))
+        .collect()
+}
+
+fn jitter(n: usize) -> Vec<f64> {
+    use ring::rand::SecureRandom;
+    let mut bytes = vec![0u8; n * 2];
+    // A failing system RNG leaves the checks at the start of their parts: still spread.
+    let _ = ring::rand::SystemRandom::new().fill(&mut bytes);
+    bytes
+        .chunks_exact(2)
+        .map(|c| f64::from(u16::from_le_bytes([c[0], c[1]])) / 65_536.0)
+        .collect()
+}
+
+/// The scheduled sweep of `serve`.
+pub struct Scheduler {
+    checker: Arc<Checker>,
+    cfg: SweepConfig,
+    history: Arc<dyn History>,
+    lease: Arc<dyn Lease>,
+    global: Arc<tokio::sync::Semaphore>,
+    per_host: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// The inventory in force and the file's modification time it was read at.
+    inventory: Mutex<(Option<std::time::SystemTime>, Arc<Vec<InventoryTarget>>)>,
+}
+
+impl Scheduler {
+    /// A scheduler; the inventory is read at the first slot.
+    pub fn new(checker: Arc<Checker>, cfg: SweepConfig, history: Arc<dyn History>, lease: Arc<dyn Lease>) -> Scheduler {
+        Scheduler {
+            checker,
+            global: Arc::new(tokio::sync::Semaphore::new(cfg.concurrency)),
+            cfg,
+            history,
+            lease,
+            per_host: Mutex::new(HashMap::new()),
+            inventory: Mutex::new((None, Arc::new(Vec::new()))),
+        }
+    }
+
+    /// The inventory, read again when the file's modification time changed; a bad new version
+    /// is logged (with its line) and the last good one kept.
+    pub fn inventory(&self) -> Arc<Vec<InventoryTarget>> {
+        let mtime = std::fs::metadata(&self.cfg.inventory).and_then(|m| m.modified()).ok();
+        let mut inv = self.inventory.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if mtime.is_some() && mtime != inv.0 {
+            match read_inventory(&self.cfg.inventory) {
+                Ok(targets) => {
+                    tracing::info!(targets = targets.len(), "sweep inventory read");
+                    *inv = (mtime, Arc::new(targets));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "sweep inventory not reloaded: keeping the last good one");
+                    inv.0 = mtime;
+                }
+            }
+        }
+        inv.1.clone()
+    }
+
+    fn host_limit(&self, host: &str) -> Arc<tokio::sync::Semaphore> {
+        let mut m = self.per_host.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.entry(host.to_ascii_lowercase())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.cfg.per_host)))
+            .clone()
+    }
+
+    /// Sweeps every slot this replica wins, from the next slot boundary until `stop`.
+    pub async fn run(self: Arc<Self>, stop: impl Future<Output = ()> + Send) {
+        tokio::pin!(stop);
+        let interval_ms = i64::try_from(self.cfg.interval.as_millis()).unwrap_or(i64::MAX).max(1);
+        let mut tasks = tokio::task::JoinSet::new();
+        'slots: loop {
+            let now = crate::history::now_ms();
+            let slot = now.div_euclid(interval_ms) + 1;
+            let start = tokio::time::Instant::now()
+                + Duration::from_millis(u64::try_from(slot * interval_ms - now).unwrap_or(0));
+            tokio::select! {
+                () = &mut stop => break 'slots,
+                () = tokio::time::sleep_until(start) => {}
+            }
+            while tasks.try_join_next().is_some() {}
+            match self.lease.claim(slot).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::debug!(slot, "sweep slot taken by another replica");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(slot, error = %e, "sweep lease not taken: skipping the slot");
+                    continue;
+                }
+            }
+            let inventory = self.inventory();
+            tracing::info!(slot, targets = inventory.len(), "sweep started");
+            let offsets = offsets(self.cfg.interval, &jitter(inventory.len()));
+            for (i, (t, at)) in inventory.iter().zip(offsets).enumerate() {
+                tokio::select! {
+                    () = &mut stop => break 'slots,
+                    () = tokio::time::sleep_until(start + at) => {}
+                }
+                let input = sweep_input(self.checker.config(), t, format!("sweep-{slot}-{i}"));
+                let (me, host) = (self.clone(), self.host_limit(&t.host));
+                tasks.spawn(async move {
+                    let Ok(_global) = me.global.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let Ok(_host) = host.acquire_owned().await else {
+                        return;
+                    };
+                    sweep_check(&me.checker, input, Some(&me.history)).await;
+                });
+            }
+        }
+        // Stopped: sweep checks carry no credential, so cancelling those in flight costs
+        // nothing but their answer.
+        tasks.shutdown().await;
+    }
+}
+
 /// Probes every target, at most `concurrency` at once, without a credential; the reports in
 /// inventory order, each kept in `history` when given.
 pub async fn run_pass(
@@ -93,39 +359,14 @@ pub async fn run_pass(
     concurrency: usize,
     history: Option<Arc<dyn History>>,
 ) -> Vec<Report> {
-    let cfg = checker.config().clone();
     let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = Vec::new();
     for (i, t) in targets.iter().enumerate() {
-        let input = CheckInput {
-            request_id: format!("sweep-{i}"),
-            host: t.host.clone(),
-            port: t.port.unwrap_or(cfg.default_port),
-            expected_name: if t.expected_name.is_empty() {
-                t.host.clone()
-            } else {
-                t.expected_name.clone()
-            },
-            requested: cfg.default_protocols,
-            minimum: cfg.minimum_protocol,
-            expected_computer: t.expected_computer.clone(),
-            // Never a credential: a sweep cannot spend a lockout attempt.
-            credential: None,
-            requester_user: "sweep".into(),
-            requester_source: "sweep".into(),
-            budget: cfg.default_budget.max(Duration::from_secs(1)),
-        };
+        let input = sweep_input(checker.config(), t, format!("sweep-{i}"));
         let (checker, sem, history) = (checker.clone(), sem.clone(), history.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await;
-            let (host, port) = (input.host.clone(), input.port);
-            let report = checker.check(input).await;
-            if let Some(h) = history {
-                if let Err(e) = h.record(Entry::new(&report, &host, port, None, Source::Sweep)).await {
-                    tracing::warn!(error = %e, "check history not written");
-                }
-            }
-            report
+            sweep_check(&checker, input, history.as_ref()).await
         }));
     }
     let mut out = Vec::with_capacity(tasks.len());
@@ -164,5 +405,67 @@ mod tests {
         assert!(err(&format!("{HEADER}\nrdp1,3389\n,3389\n")).starts_with("line 3:"));
         assert!(err(&format!("{HEADER}\nrdp1,3389,,,site\n")).contains("key=value"));
         assert!(err(&format!("{HEADER}\nrdp1,1,a,b,c=d,extra\n")).contains("columns"));
+    }
+
+    #[test]
+    fn offsets_spread_the_checks_over_the_interval() {
+        let interval = Duration::from_secs(900);
+        let o = offsets(interval, &[0.0, 0.5, 0.999, 0.25]);
+        assert_eq!(o[0], Duration::ZERO);
+        assert_eq!(o[1], Duration::from_secs_f64(900.0 * 1.5 / 4.0));
+        assert!(o.windows(2).all(|w| w[0] < w[1]), "in order: {o:?}");
+        assert!(o.iter().all(|d| *d < interval));
+        // Each check in its own quarter.
+        for (i, d) in o.iter().enumerate() {
+            assert_eq!((d.as_secs_f64() / 225.0) as usize, i);
+        }
+        assert!(offsets(interval, &[]).is_empty());
+        let j = jitter(1000);
+        assert!(j.iter().all(|x| (0.0..1.0).contains(x)));
+        assert!(j.iter().any(|x| *x > 0.5) && j.iter().any(|x| *x < 0.5), "random");
+    }
+
+    #[test]
+    fn sweep_config_errors_name_the_key_and_the_line() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let inv = dir.path().join("inv.csv");
+        std::fs::write(&inv, format!("{HEADER}\nrdp1,3389,,,\nrdp2,x,,,\n")).expect("write");
+        let f = SweepFile {
+            inventory: Some(inv.clone()),
+            ..SweepFile::default()
+        };
+        let e = f.validate().expect_err("bad line");
+        assert!(e.starts_with("sweep.inventory:") && e.contains("line 3"), "{e}");
+        std::fs::write(&inv, format!("{HEADER}\nrdp1,3389,,,\n")).expect("write");
+        assert_eq!(
+            f.validate().expect("valid").map(|c| c.interval),
+            Some(Duration::from_secs(900))
+        );
+        assert_eq!(SweepFile::default().validate(), Ok(None));
+        for (f, key) in [
+            (
+                SweepFile {
+                    interval_secs: 0,
+                    ..SweepFile::default()
+                },
+                "sweep.interval_secs",
+            ),
+            (
+                SweepFile {
+                    concurrency: 0,
+                    ..SweepFile::default()
+                },
+                "sweep.concurrency",
+            ),
+            (
+                SweepFile {
+                    per_host_concurrency: 0,
+                    ..SweepFile::default()
+                },
+                "sweep.per_host_concurrency",
+            ),
+        ] {
+            assert!(f.validate().expect_err("invalid").starts_with(key));
+        }
     }
 }

@@ -1191,6 +1191,15 @@ fn sample(key: &str, pem: &str, secret: &str, tmp: &Path) -> (String, Vec<(&'sta
             vec![("kerberos.kdcs", "dc1.example.test:88".into())],
         ),
         "admin.listen" => ("127.0.0.1:9464".into(), vec![]),
+        "sweep.inventory" => {
+            let p = tmp.join("inventory.csv");
+            std::fs::write(
+                &p,
+                "host,port,expected_name,expected_computer,labels\nrdp1.example.test,3389,,,site=par\n",
+            )
+            .expect("inventory");
+            (p.to_string_lossy().into_owned(), vec![])
+        }
         other => panic!("tests/tests/deploy.rs: add a sample value for {other} to sample()"),
     }
 }

@@ -157,7 +157,7 @@ async fn the_postgres_guard_store_behaves_like_the_memory_one() {
         "{dump}"
     );
     // Migrations were applied once, whoever opened the store.
-    assert_eq!(pg.psql("SELECT count(*) FROM schema_migrations").trim(), "4");
+    assert_eq!(pg.psql("SELECT count(*) FROM schema_migrations").trim(), "5");
 }
 
 fn replica_config(dir: &Path, name: &str, f: &FileConfig) -> PathBuf {
@@ -221,7 +221,7 @@ async fn three_replicas_share_one_lockout_budget() {
         let hs: Vec<_> = paths.iter().map(|p| sc.spawn(|| serve_binary(p, &[]))).collect();
         hs.into_iter().map(|h| h.join().expect("replica starts")).collect()
     });
-    assert_eq!(pg.psql("SELECT count(*) FROM schema_migrations").trim(), "4");
+    assert_eq!(pg.psql("SELECT count(*) FROM schema_migrations").trim(), "5");
     let port = refused_port();
     let mut tasks = Vec::new();
     for i in 0..24 {

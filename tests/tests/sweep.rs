@@ -1,13 +1,16 @@
 //! `rdp-preflight sweep`: one pass over an inventory of the simulated fleet, never with a
 //! credential; the check history in the shared store.
 
-use std::process::Command;
+use std::{collections::BTreeMap, process::Command, sync::Arc, time::Duration};
 
 use gateway_sim::{demo::Harness, driver::DirectoryHandle, scenario::Scenario};
 use integration_tests::{plugin::plugin_bin, postgres::Postgres};
 use rdp_preflight::{
-    history::{now_ms, trend, Entry, History, HistoryFile, Source},
-    store::{history::PgHistory, Store, StoreFile},
+    check::Checker,
+    config::FileConfig,
+    history::{now_ms, trend, Entry, History, HistoryFile, MemoryHistory, Source},
+    store::{history::PgHistory, lease::PgLease, Store, StoreFile},
+    sweep::{Lease, LocalLease, Scheduler},
 };
 
 const SCENARIO: &str = r#"
@@ -132,6 +135,7 @@ fn store_file(pg: &Postgres, dir: &std::path::Path) -> StoreFile {
 fn entry(at_ms: i64, target: &str, cause: &str) -> Entry {
     Entry {
         at_ms,
+        duration_ms: 5,
         target: target.into(),
         source: Source::Gateway,
         check_id: format!("{at_ms:020}"),
@@ -205,4 +209,189 @@ async fn the_history_in_the_store_pages_and_forgets_what_is_past_retention() {
     assert_eq!((states[0].changes, states[0].flapping), (4, true));
     // No password column, no password anywhere: the account as the audit record names it.
     assert!(!pg.psql("SELECT entry::text FROM check_history").contains("password"));
+
+    // The sweep lease: of replicas claiming a slot together, exactly one wins it; a slot
+    // already swept (or an older one) is nobody's.
+    let sf = store_file(&pg, tmp.path()).validate().expect("valid").expect("store");
+    let mut leases = Vec::new();
+    for i in 0..4 {
+        let store = Store::open(sf.clone()).await.expect("store opens");
+        leases.push(Arc::new(PgLease::new(store, format!("r{i}"))));
+    }
+    for slot in [100, 101, 103] {
+        let claims: Vec<_> = leases
+            .iter()
+            .map(|l| {
+                let l = l.clone();
+                tokio::spawn(async move { l.claim(slot).await })
+            })
+            .collect();
+        let mut won = 0;
+        for c in claims {
+            won += usize::from(c.await.expect("task").expect("answered"));
+        }
+        assert_eq!(won, 1, "slot {slot}");
+    }
+    assert_eq!(leases[0].claim(102).await, Ok(false), "an older slot");
+}
+
+/// The most checks in flight at once among `entries` (start and duration of each).
+fn max_overlap<'a>(entries: impl Iterator<Item = &'a Entry>) -> usize {
+    let mut edges: Vec<(i64, i32)> = Vec::new();
+    for e in entries {
+        edges.push((e.at_ms, 1));
+        edges.push((e.at_ms + i64::try_from(e.duration_ms).expect("ms"), -1));
+    }
+    // An end and a start at the same millisecond: the end first.
+    edges.sort();
+    let (mut now, mut max) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        max = max.max(now);
+    }
+    usize::try_from(max).expect("count")
+}
+
+/// Runs the scheduled sweep of `cfg` in-process for `slots` slots after the first boundary;
+/// the history it wrote.
+async fn scheduled(cfg: FileConfig, slots: u64) -> Vec<Entry> {
+    let cfg = Arc::new(cfg.validate().expect("valid config"));
+    let sc = cfg.sweep.clone().expect("sweep configured");
+    let interval_ms = u64::try_from(sc.interval.as_millis()).expect("ms");
+    let history = Arc::new(MemoryHistory::new(cfg.history));
+    let (checker, _) = Checker::open(cfg).await.expect("checker");
+    let scheduler = Arc::new(Scheduler::new(
+        Arc::new(checker),
+        sc,
+        history.clone(),
+        Arc::new(LocalLease),
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(scheduler.run(async {
+        let _ = stopped.await;
+    }));
+    // Until the first boundary, then `slots` slots, then the last checks' time to finish.
+    let now = u64::try_from(now_ms()).expect("ms");
+    let to_first = interval_ms - now % interval_ms;
+    tokio::time::sleep(Duration::from_millis(to_first + slots * interval_ms + 1500)).await;
+    let _ = stop.send(());
+    run.await.expect("scheduler");
+    history.since(0).await.expect("history")
+}
+
+/// `[sweep]` in `serve`: every target once per slot, its checks spread over the slot (never
+/// together), the expected state for each target, and no credential anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduled_sweep_spreads_its_checks_and_sends_no_credential() {
+    let harness = Harness::start(&Scenario::parse(SCENARIO).expect("scenario"))
+        .await
+        .expect("fleet");
+    let fleet = &harness.env.fleet;
+    let addr = |n: &str| fleet.addr(n).expect("target");
+    let mut inventory = String::from("host,port,expected_name,expected_computer,labels\n");
+    // Twelve rows: the four targets three times, under three spellings of the port's host.
+    for round in 0..3 {
+        for (name, computer) in [("ok", ""), ("expired", ""), ("refused", ""), ("nla", "RDP-SWEEP01")] {
+            let host = ["127.0.0.1", "localhost", "127.0.0.1"][round];
+            let port = addr(name).port();
+            // The third round under another expected name: a distinct inventory row.
+            let expected = if round == 2 { "localhost" } else { name };
+            inventory.push_str(&format!("{host},{port},{expected},{computer},site=lab\n"));
+        }
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let inv = dir.path().join("inventory.csv");
+    std::fs::write(&inv, &inventory).expect("write");
+    let mut cfg = harness.plugin_config.clone();
+    cfg.sweep.inventory = Some(inv);
+    cfg.sweep.interval_secs = 3;
+    cfg.sweep.concurrency = 8;
+    cfg.sweep.per_host_concurrency = 4;
+    let entries = scheduled(cfg, 2).await;
+
+    let interval = 3000;
+    let mut by_slot: BTreeMap<i64, Vec<&Entry>> = BTreeMap::new();
+    for e in &entries {
+        by_slot.entry(e.at_ms / interval).or_default().push(e);
+    }
+    let full: Vec<&Vec<&Entry>> = by_slot.values().filter(|v| v.len() == 12).collect();
+    assert!(
+        full.len() >= 2,
+        "two full slots of 12 checks: {:?}",
+        by_slot.values().map(Vec::len).collect::<Vec<_>>()
+    );
+    for slot in full {
+        let mut starts: Vec<i64> = slot.iter().map(|e| e.at_ms % interval).collect();
+        starts.sort_unstable();
+        // Spread over the slot: from its first quarter to its last, never three within 100 ms.
+        assert!(starts[0] < 750 && starts[11] >= 2250, "{starts:?}");
+        assert!(starts.windows(3).all(|w| w[2] - w[0] >= 100), "{starts:?}");
+    }
+    let states = trend::states(&entries, now_ms(), 3_600_000, 4);
+    let state = |name: &str, host: &str| {
+        let key = format!("{host}:{}", addr(name).port());
+        states
+            .iter()
+            .find(|s| s.target == key)
+            .map(|s| (s.verdict.as_str(), s.primary_cause.as_str()))
+            .unwrap_or_else(|| panic!("{key} missing"))
+    };
+    assert_eq!(state("ok", "127.0.0.1"), ("allow", "OK"));
+    assert_eq!(state("ok", "localhost"), ("allow", "OK"));
+    assert_eq!(state("expired", "127.0.0.1"), ("deny", "CERT_EXPIRED"));
+    assert_eq!(state("refused", "localhost"), ("deny", "TCP_REFUSED"));
+    assert_eq!(state("nla", "127.0.0.1"), ("allow", "OK"));
+    assert!(entries.iter().all(|e| e.source == Source::Sweep && e.account.is_none()));
+    // No credential went anywhere: no AUTHENTICATE at the NLA target, no bind at the directory.
+    assert_eq!(fleet.authenticates("nla"), Some(0));
+    if let Some(DirectoryHandle::Local(d)) = &harness.env.directory {
+        assert_eq!(d.bind_count(), 0);
+    }
+}
+
+/// The global and per-host limits hold while slow targets would otherwise pile up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduled_sweep_respects_its_concurrency_limits() {
+    let mut scenario = String::new();
+    for i in 0..5 {
+        scenario.push_str(&format!(
+            "[[target]]\nname = \"slow{i}\"\nbehavior = \"slow\"\ndelay_ms = 500\n\n"
+        ));
+    }
+    let harness = Harness::start(&Scenario::parse(&scenario).expect("scenario"))
+        .await
+        .expect("fleet");
+    let fleet = &harness.env.fleet;
+    let mut inventory = String::from("host,port,expected_name,expected_computer,labels\n");
+    // Ten rows on two hosts; checks of about a second every 200 ms: five would overlap.
+    for i in 0..5 {
+        let port = fleet.addr(&format!("slow{i}")).expect("target").port();
+        inventory.push_str(&format!("127.0.0.1,{port},,,\nlocalhost,{port},,,\n"));
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let inv = dir.path().join("inventory.csv");
+    std::fs::write(&inv, &inventory).expect("write");
+    let mut cfg = harness.plugin_config.clone();
+    cfg.sweep.inventory = Some(inv);
+    cfg.sweep.interval_secs = 2;
+    cfg.sweep.concurrency = 3;
+    cfg.sweep.per_host_concurrency = 2;
+    let entries = scheduled(cfg, 2).await;
+    assert!(
+        entries.len() >= 10,
+        "{} checks: {:?}",
+        entries.len(),
+        entries.iter().map(|e| e.duration_ms).collect::<Vec<_>>()
+    );
+    assert!(
+        entries.iter().all(|e| e.primary_cause == "OK" || e.verdict != "deny"),
+        "slow, not failed"
+    );
+    let all = max_overlap(entries.iter());
+    let on = |h: &str| max_overlap(entries.iter().filter(|e| e.target.starts_with(h)));
+    assert!(
+        (2..=3).contains(&all),
+        "at most 3 at once over all hosts (and the limit reached): {all}"
+    );
+    assert!(on("127.0.0.1:") <= 2 && on("localhost:") <= 2, "at most 2 per host");
 }

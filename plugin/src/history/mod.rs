@@ -36,6 +36,8 @@ pub enum Source {
 pub struct Entry {
     /// Start of the check, milliseconds since the Unix epoch.
     pub at_ms: i64,
+    /// How long the check took, milliseconds.
+    pub duration_ms: u64,
     /// `host:port` as requested.
     pub target: String,
     /// Gateway or sweep.
@@ -73,6 +75,7 @@ impl Entry {
         let cert = report.target.certificate.as_ref();
         Entry {
             at_ms: report.started_at.0.saturating_mul(1000) + i64::from(report.started_at.1 / 1_000_000),
+            duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
             target: target_key(host, port),
             source,
             check_id: report.check_id.clone(),
@@ -290,6 +293,7 @@ mod tests {
     pub(crate) fn entry(at_ms: i64, target: &str, cause: &str) -> Entry {
         Entry {
             at_ms,
+            duration_ms: 5,
             target: target.into(),
             source: Source::Sweep,
             check_id: format!("{at_ms:020}"),

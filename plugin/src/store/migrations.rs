@@ -63,6 +63,16 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
      CREATE INDEX check_history_at ON check_history (at);
      CREATE INDEX check_history_target ON check_history (target, check_id);",
     ),
+    (
+        5,
+        "sweep lease",
+        "CREATE TABLE sweep_lease (
+         id       smallint    PRIMARY KEY CHECK (id = 1),
+         slot     bigint      NOT NULL,             -- the last slot (epoch ms / interval) claimed
+         holder   text        NOT NULL,             -- the replica that claimed it
+         taken_at timestamptz NOT NULL DEFAULT now()
+     );",
+    ),
 ];
 
 /// Applies what is missing.

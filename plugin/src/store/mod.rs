@@ -18,6 +18,7 @@
 pub mod audit;
 pub mod guard;
 pub mod history;
+pub mod lease;
 mod migrations;
 pub mod pins;
 
