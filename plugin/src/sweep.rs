@@ -426,6 +426,40 @@ mod tests {
     }
 
     #[test]
+    fn the_inventory_is_read_again_when_it_changes_and_a_bad_version_keeps_the_last_good() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let inv = dir.path().join("inv.csv");
+        let write = |body: String, secs: u64| {
+            std::fs::write(&inv, body).expect("write");
+            let t = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs);
+            std::fs::File::options()
+                .append(true)
+                .open(&inv)
+                .and_then(|f| f.set_modified(t))
+                .expect("mtime");
+        };
+        write(format!("{HEADER}\nrdp1,3389,,,\n"), 0);
+        let mut file = crate::config::FileConfig::default();
+        file.cert.pin_store = "memory".into();
+        file.sweep.inventory = Some(inv.clone());
+        let cfg = Arc::new(file.validate().expect("valid"));
+        let history = Arc::new(crate::history::MemoryHistory::new(cfg.history));
+        let sc = cfg.sweep.clone().expect("sweep");
+        let checker = Arc::new(Checker::new(cfg).expect("checker"));
+        let s = Scheduler::new(checker, sc, history, Arc::new(LocalLease));
+        assert_eq!(s.inventory().len(), 1);
+        write(format!("{HEADER}\nrdp1,3389,,,\nrdp2,3389,,,\n"), 60);
+        assert_eq!(s.inventory().len(), 2, "changed: read again");
+        write(format!("{HEADER}\nrdp1,3389,,,\nrdp2,nope,,,\nrdp3,,,,\n"), 120);
+        assert_eq!(s.inventory().len(), 2, "a bad version: the last good one");
+        write(format!("{HEADER}\nrdp3,,,,\n"), 180);
+        assert_eq!(
+            s.inventory().iter().map(|t| t.host.as_str()).collect::<Vec<_>>(),
+            ["rdp3"]
+        );
+    }
+
+    #[test]
     fn sweep_config_errors_name_the_key_and_the_line() {
         let dir = tempfile::tempdir().expect("tmp");
         let inv = dir.path().join("inv.csv");
