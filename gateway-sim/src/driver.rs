@@ -472,6 +472,20 @@ mod tests {
         async fn list_causes(&self, _: Request<ListCausesRequest>) -> Result<Response<ListCausesResponse>, Status> {
             Ok(Response::new(ListCausesResponse::default()))
         }
+
+        async fn fleet_status(
+            &self,
+            _: Request<rdp_preflight_proto::v1::FleetStatusRequest>,
+        ) -> Result<Response<rdp_preflight_proto::v1::FleetStatusResponse>, Status> {
+            Err(Status::unimplemented("not used by the driver"))
+        }
+
+        async fn target_history(
+            &self,
+            _: Request<rdp_preflight_proto::v1::TargetHistoryRequest>,
+        ) -> Result<Response<rdp_preflight_proto::v1::TargetHistoryResponse>, Status> {
+            Err(Status::unimplemented("not used by the driver"))
+        }
     }
 
     const SCENARIO: &str = r#"

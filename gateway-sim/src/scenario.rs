@@ -86,6 +86,10 @@ pub enum Behavior {
     Slow,
     /// Odd connections healthy, even connections closed on accept.
     Flapping,
+    /// Connections in runs of `run_length` (default 2): a run healthy, the next closed on
+    /// accept, and so on; a path that stays down across the probe's retry, so successive checks
+    /// go OK, OK, X224_CLOSED, OK, OK, X224_CLOSED … (a flapping target for the sweep).
+    FlappingPath,
     /// Nothing listens on the port.
     Refused,
     /// Confirm HYBRID, TLS, then a CredSSP server (TSRequest version 6) that logs `[[account]]`s
@@ -105,7 +109,7 @@ pub enum Behavior {
 
 impl Behavior {
     /// Every behaviour, in documentation order.
-    pub const ALL: [Behavior; 29] = [
+    pub const ALL: [Behavior; 30] = [
         Behavior::Healthy,
         Behavior::HealthyNla,
         Behavior::NegFailure,
@@ -128,6 +132,7 @@ impl Behavior {
         Behavior::TlsStall,
         Behavior::Slow,
         Behavior::Flapping,
+        Behavior::FlappingPath,
         Behavior::Refused,
         Behavior::NlaHealthy,
         Behavior::NlaOld,
@@ -162,6 +167,7 @@ impl Behavior {
             Behavior::TlsStall => "tls_stall",
             Behavior::Slow => "slow",
             Behavior::Flapping => "flapping",
+            Behavior::FlappingPath => "flapping_path",
             Behavior::Refused => "refused",
             Behavior::NlaHealthy => "nla_healthy",
             Behavior::NlaOld => "nla_old",
@@ -197,7 +203,12 @@ impl Behavior {
     pub fn serves_certificate(self) -> bool {
         matches!(
             self,
-            Behavior::Healthy | Behavior::HealthyNla | Behavior::Slow | Behavior::Flapping | Behavior::TlsStall
+            Behavior::Healthy
+                | Behavior::HealthyNla
+                | Behavior::Slow
+                | Behavior::Flapping
+                | Behavior::FlappingPath
+                | Behavior::TlsStall
         ) || self.is_nla()
     }
 
@@ -209,6 +220,7 @@ impl Behavior {
                 | Behavior::Downgrade
                 | Behavior::Slow
                 | Behavior::Flapping
+                | Behavior::FlappingPath
                 | Behavior::TlsCloseAfterHello
                 | Behavior::TlsDisconnectRequest
                 | Behavior::Tls10Only
@@ -342,6 +354,8 @@ pub struct TargetSpec {
     pub failure_code: u32,
     /// Delay for `slow`.
     pub delay: Duration,
+    /// Connections per run for `flapping_path`.
+    pub run_length: u64,
     /// CredSSP settings (meaningful for the `nla_*` behaviours only).
     pub nla: NlaSpec,
 }
@@ -414,6 +428,7 @@ impl TargetSpec {
             selected_protocol: behavior.default_selected_protocol(),
             failure_code: 0,
             delay: DEFAULT_SLOW_DELAY,
+            run_length: 2,
         }
     }
 }
@@ -700,6 +715,7 @@ struct RawTarget {
     selected_protocol: Option<u32>,
     failure_code: Option<u32>,
     delay_ms: Option<u64>,
+    run_length: Option<u64>,
     computer: Option<String>,
     credssp_version: Option<u32>,
     ntstatus: Option<u32>,
@@ -771,6 +787,17 @@ impl RawTarget {
                 return Err(format!("key \"delay_ms\": {ms} is above the 30000 ms limit"));
             }
             spec.delay = Duration::from_millis(ms);
+        }
+        if let Some(n) = self.run_length {
+            if behavior != Behavior::FlappingPath {
+                return Err(format!(
+                    "key \"run_length\": not meaningful for behavior \"{behavior}\""
+                ));
+            }
+            if !(1..=1000).contains(&n) {
+                return Err(format!("key \"run_length\": {n} is outside 1..=1000"));
+            }
+            spec.run_length = n;
         }
         let not_meaningful = |key: &str| format!("key \"{key}\": not meaningful for behavior \"{behavior}\"");
         if let Some(computer) = self.computer {

@@ -342,6 +342,8 @@ async fn serve(mut stream: TcpStream, target: &Target, n: u64) -> Result<(), Con
         Behavior::CloseOnAccept => return finish(stream).await,
         // Connections 1, 3, 5 … are healthy; 2, 4, 6 … close on accept.
         Behavior::Flapping if n % 2 == 1 => return finish(stream).await,
+        // Runs of `run_length` connections: healthy, closed, healthy …
+        Behavior::FlappingPath if (n / spec.run_length.max(1)) % 2 == 1 => return finish(stream).await,
         Behavior::Refused => return Ok(()),
         _ => {}
     }

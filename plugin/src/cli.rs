@@ -73,6 +73,12 @@ enum Command {
     /// Probe every target of an inventory once (never with a credential) and print the table,
     /// or one JSON object per target per line.
     Sweep(SweepArgs),
+    /// The fleet as the running server's check history sees it: `fleet status`,
+    /// `fleet history HOST`.
+    Fleet {
+        #[command(subcommand)]
+        command: crate::fleet_cli::FleetCommand,
+    },
     /// The shared store: apply its schema migrations.
     Store {
         #[command(subcommand)]
@@ -221,6 +227,7 @@ pub fn main() -> ExitCode {
             command: StoreCommand::Migrate { config },
         } => store_migrate(&config),
         Command::Sweep(args) => sweep(&args),
+        Command::Fleet { command } => crate::fleet_cli::run(command),
     }
 }
 

@@ -10,6 +10,8 @@ pub mod cli;
 pub mod config;
 pub mod credential;
 pub mod deadline;
+pub mod fleet;
+pub mod fleet_cli;
 pub mod guard;
 pub mod history;
 pub mod kerberos;
@@ -142,11 +144,43 @@ pub async fn serve_with_ready(
         tracing::info!(inventory = %sc.inventory.display(), interval_secs = sc.interval.as_secs(), "scheduled sweep on");
         let scheduler = Arc::new(sweep::Scheduler::new(checker.clone(), sc, history.clone(), lease));
         let mut rx = sweep_stopped.clone();
-        tokio::spawn(scheduler.run(async move {
+        let task = tokio::spawn(scheduler.clone().run(async move {
             let _ = rx.wait_for(|stop| *stop).await;
-        }))
+        }));
+        (scheduler, task)
     });
-    let (router, reporter) = service::router(checker, audit.clone(), metrics, history).await?;
+    let fleet = Arc::new(fleet::Fleet::new(
+        history,
+        cfg.history,
+        sweeper.as_ref().map(|(s, _)| s.clone()),
+        cfg.default_port,
+    ));
+    let sweeper = sweeper.map(|(_, task)| task);
+    // The fleet's gauges, computed from the history every minute (or every sweep interval,
+    // when shorter) while the admin listener serves them.
+    let gauges = cfg.admin_listen.map(|_| {
+        let (fleet, metrics) = (fleet.clone(), metrics.clone());
+        let label = cfg.sweep.as_ref().and_then(|s| s.metric_label.clone());
+        let every = cfg
+            .sweep
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(60), |s| s.interval)
+            .min(std::time::Duration::from_secs(60));
+        let mut rx = sweep_stopped.clone();
+        tokio::spawn(async move {
+            loop {
+                match fleet.status(&fleet::Filter::default()).await {
+                    Ok(s) => metrics.set_fleet(metrics::FleetGauges::of(&s, label.as_deref())),
+                    Err(e) => tracing::warn!(error = %e, "fleet gauges: history not readable"),
+                }
+                tokio::select! {
+                    _ = rx.wait_for(|stop| *stop) => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+            }
+        })
+    });
+    let (router, reporter) = service::router(checker, audit.clone(), metrics, fleet).await?;
     // Health follows the shared store: NOT_SERVING while it is down, SERVING when it is back.
     let (stop_watch, watch_stopped) = tokio::sync::watch::channel(false);
     let watcher = store.map(|s| {
@@ -167,8 +201,8 @@ pub async fn serve_with_ready(
     let shutdown = async move {
         shutdown.await;
         let _ = stop_sweep.send(true);
-        if let Some(s) = sweeper {
-            let _ = s.await;
+        for task in [sweeper, gauges].into_iter().flatten() {
+            let _ = task.await;
         }
         let _ = stop_watch.send(true);
         if let Some(w) = watcher {

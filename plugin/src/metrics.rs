@@ -142,6 +142,61 @@ pub struct Metrics {
     start_time: f64,
     /// The shared store, when configured.
     store: std::sync::OnceLock<Arc<crate::store::Store>>,
+    /// The fleet's gauges, as last computed from the history (`None`: not yet).
+    fleet: Mutex<Option<FleetGauges>>,
+}
+
+/// Distinct values of the inventory label kept apart in the certificate gauge; beyond them,
+/// `other`.
+pub const MAX_LABEL_VALUES: usize = 64;
+
+/// The fleet's state as gauges; every label from a closed set (causes, verdicts) or from the
+/// operator's inventory, bounded by [`MAX_LABEL_VALUES`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FleetGauges {
+    /// Targets by the primary cause of their last check (catalog order; zeros included).
+    pub by_cause: BTreeMap<&'static str, u64>,
+    /// Targets by the verdict of their last check.
+    pub by_state: BTreeMap<&'static str, u64>,
+    /// Targets flapping.
+    pub flapping: u64,
+    /// The label key of `sweep.metric_label`, and per value the fewest certificate days left.
+    pub cert_min_days: Option<(String, BTreeMap<String, i64>)>,
+}
+
+impl FleetGauges {
+    /// The gauges of a fleet status; `label`: the inventory label to split the certificate
+    /// gauge by.
+    pub fn of(status: &crate::fleet::Status, label: Option<&str>) -> FleetGauges {
+        let mut g = FleetGauges {
+            by_cause: std::iter::once(Cause::Ok)
+                .chain(CATALOG.iter().map(|c| c.cause))
+                .map(|c| (c.name(), 0))
+                .collect(),
+            by_state: VERDICTS.iter().map(|v| (v.as_str(), 0)).collect(),
+            ..FleetGauges::default()
+        };
+        let mut days: BTreeMap<String, i64> = BTreeMap::new();
+        for t in &status.targets {
+            if let Some(n) = Cause::from_name(&t.state.primary_cause).and_then(|c| g.by_cause.get_mut(c.name())) {
+                *n += 1;
+            }
+            if let Some(n) = g.by_state.get_mut(t.state.verdict.as_str()) {
+                *n += 1;
+            }
+            g.flapping += u64::from(t.state.flapping);
+            if let (Some(key), Some(d)) = (label, t.state.cert_days_left(status.as_of_ms)) {
+                let mut value = t.labels.get(key).cloned().unwrap_or_default();
+                if !days.contains_key(&value) && days.len() >= MAX_LABEL_VALUES {
+                    value = "other".into();
+                }
+                let slot = days.entry(value).or_insert(d);
+                *slot = (*slot).min(d);
+            }
+        }
+        g.cert_min_days = label.map(|k| (k.to_owned(), days));
+        g
+    }
 }
 
 impl Default for Metrics {
@@ -179,7 +234,13 @@ impl Metrics {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
             store: std::sync::OnceLock::new(),
+            fleet: Mutex::new(None),
         }
+    }
+
+    /// Sets the fleet's gauges.
+    pub fn set_fleet(&self, g: FleetGauges) {
+        *self.fleet.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(g);
     }
 
     /// Reports the shared store's health, round trips, errors and refused reservations.
@@ -435,7 +496,58 @@ impl Metrics {
         if let Some(store) = self.store.get() {
             render_store(&mut out, store);
         }
+        let fleet = self
+            .fleet
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(g) = fleet {
+            render_fleet(&mut out, &g);
+        }
         out
+    }
+}
+
+fn render_fleet(out: &mut String, g: &FleetGauges) {
+    header(
+        out,
+        "rdp_preflight_fleet_targets",
+        "gauge",
+        "Targets in the check history by the primary cause of their last check.",
+    );
+    for (cause, n) in &g.by_cause {
+        let _ = writeln!(out, "rdp_preflight_fleet_targets{{primary_cause=\"{cause}\"}} {n}");
+    }
+    header(
+        out,
+        "rdp_preflight_fleet_targets_by_state",
+        "gauge",
+        "Targets in the check history by the verdict of their last check.",
+    );
+    for (state, n) in &g.by_state {
+        let _ = writeln!(out, "rdp_preflight_fleet_targets_by_state{{state=\"{state}\"}} {n}");
+    }
+    header(
+        out,
+        "rdp_preflight_fleet_flapping_targets",
+        "gauge",
+        "Targets whose state changed more than history.flap_changes times within the window.",
+    );
+    let _ = writeln!(out, "rdp_preflight_fleet_flapping_targets {}", g.flapping);
+    if let Some((key, days)) = &g.cert_min_days {
+        header(
+            out,
+            "rdp_preflight_fleet_cert_min_days_left",
+            "gauge",
+            "Fewest whole days before a target's certificate expires, per value of the inventory label sweep.metric_label.",
+        );
+        for (value, d) in days {
+            let _ = writeln!(
+                out,
+                "rdp_preflight_fleet_cert_min_days_left{{{key}=\"{}\"}} {d}",
+                escape(value)
+            );
+        }
     }
 }
 
@@ -608,6 +720,65 @@ mod tests {
             started_at: (0, 0),
             duration: Duration::from_millis(45),
         }
+    }
+
+    #[test]
+    fn fleet_gauges_keep_their_labels_bounded() {
+        use crate::{fleet::TargetStatus, history::trend::TargetState};
+        const NOW: i64 = 1_800_000_000_000;
+        let target = |i: usize, cause: Cause, flapping: bool| TargetStatus {
+            state: TargetState {
+                target: format!("rdp{i}:3389"),
+                verdict: if cause == Cause::Ok { "allow" } else { "deny" }.into(),
+                primary_cause: cause.name().into(),
+                causes: vec![],
+                since_ms: NOW,
+                since_exact: true,
+                last_ms: NOW,
+                changes: 0,
+                flapping,
+                sequence: vec![],
+                cert_not_after: Some(NOW / 1000 + 86_400 * (10 + i as i64)),
+                cert_fingerprint: String::new(),
+            },
+            labels: [("site".to_owned(), format!("site{i}"))].into_iter().collect(),
+            in_inventory: true,
+        };
+        let status = crate::fleet::Status {
+            as_of_ms: NOW,
+            targets: (0..100)
+                .map(|i| target(i, if i % 2 == 0 { Cause::Ok } else { Cause::CertExpired }, i == 7))
+                .collect(),
+            trend: vec![],
+            forecast: vec![],
+        };
+        let g = FleetGauges::of(&status, Some("site"));
+        let (_, days) = g.cert_min_days.clone().expect("by site");
+        assert_eq!(days.len(), MAX_LABEL_VALUES + 1, "64 values and other");
+        assert_eq!(days.get("site0"), Some(&10));
+        assert_eq!(days.get("other"), Some(&(10 + MAX_LABEL_VALUES as i64)));
+        let m = Metrics::new();
+        m.set_fleet(g);
+        let text = m.render();
+        assert_eq!(
+            sample(&text, "rdp_preflight_fleet_targets{primary_cause=\"CERT_EXPIRED\"}"),
+            Some(50.0)
+        );
+        assert_eq!(
+            sample(&text, "rdp_preflight_fleet_targets{primary_cause=\"TCP_REFUSED\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&text, "rdp_preflight_fleet_targets_by_state{state=\"deny\"}"),
+            Some(50.0)
+        );
+        assert_eq!(sample(&text, "rdp_preflight_fleet_flapping_targets"), Some(1.0));
+        assert_eq!(
+            sample(&text, "rdp_preflight_fleet_cert_min_days_left{site=\"site3\"}"),
+            Some(13.0)
+        );
+        assert!(!text.contains("rdp3:3389"), "never a host name in a label");
+        assert!(FleetGauges::of(&status, None).cert_min_days.is_none());
     }
 
     fn sample(text: &str, series: &str) -> Option<f64> {

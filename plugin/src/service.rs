@@ -15,6 +15,7 @@ use crate::{
     cause::{self, Cause, Stage, CATALOG},
     check::{CheckInput, Checker},
     config::Config,
+    fleet::{Filter, Fleet},
     history::{Entry, History, Source},
     metrics::Metrics,
     probe::x224::protocol,
@@ -35,18 +36,13 @@ pub struct PreflightService {
     running: Arc<Semaphore>,
     audit: Option<AuditLog>,
     metrics: Arc<Metrics>,
-    history: Arc<dyn History>,
+    fleet: Arc<Fleet>,
 }
 
 impl PreflightService {
     /// A service running checks on `checker`, with the config's admission limits, recording to
     /// `audit` what its config asks for.
-    pub fn new(
-        checker: Arc<Checker>,
-        audit: Option<AuditLog>,
-        metrics: Arc<Metrics>,
-        history: Arc<dyn History>,
-    ) -> Self {
+    pub fn new(checker: Arc<Checker>, audit: Option<AuditLog>, metrics: Arc<Metrics>, fleet: Arc<Fleet>) -> Self {
         let cfg = checker.config();
         PreflightService {
             admission: Arc::new(Semaphore::new(cfg.max_concurrent_checks + cfg.max_queued_checks)),
@@ -54,7 +50,7 @@ impl PreflightService {
             checker,
             audit,
             metrics,
-            history,
+            fleet,
         }
     }
 }
@@ -111,7 +107,7 @@ impl pb::preflight_server::Preflight for PreflightService {
         }
         tracked.finish(&report);
         record_history(
-            &self.history,
+            self.fleet.history(),
             Entry::new(&report, &host, port, account, Source::Gateway),
         );
         span.in_scope(|| {
@@ -124,6 +120,84 @@ impl pb::preflight_server::Preflight for PreflightService {
             );
         });
         Ok(Response::new(to_proto(&report)))
+    }
+
+    async fn fleet_status(
+        &self,
+        request: Request<pb::FleetStatusRequest>,
+    ) -> Result<Response<pb::FleetStatusResponse>, Status> {
+        let req = request.into_inner();
+        let mut v: Vec<(String, String)> = Vec::new();
+        for (k, val) in &req.labels {
+            if k.is_empty() || k.len() > MAX_NAME || val.len() > MAX_NAME || !printable(k) || !printable(val) {
+                v.push((
+                    format!("labels[{k:?}]"),
+                    "keys and values of 1..256 printable characters".into(),
+                ));
+            }
+        }
+        let cause = match req.cause {
+            0 => None,
+            n => match u16::try_from(n).ok().and_then(Cause::from_number) {
+                Some(c) => Some(c.name().to_owned()),
+                None => {
+                    v.push(("cause".into(), "unknown cause".into()));
+                    None
+                }
+            },
+        };
+        if !v.is_empty() {
+            return Err(invalid(&v));
+        }
+        let filter = Filter {
+            labels: req.labels.into_iter().collect(),
+            cause,
+        };
+        let status = self.fleet.status(&filter).await.map_err(|e| {
+            tracing::warn!(error = %e, "fleet status: history not readable");
+            Status::unavailable("the check history cannot be read")
+        })?;
+        Ok(Response::new(fleet_to_proto(&status, self.fleet.config())))
+    }
+
+    async fn target_history(
+        &self,
+        request: Request<pb::TargetHistoryRequest>,
+    ) -> Result<Response<pb::TargetHistoryResponse>, Status> {
+        let req = request.into_inner();
+        let mut v: Vec<(String, String)> = Vec::new();
+        let target = split_target(&req.target, self.fleet.default_port()).filter(|(h, _)| host_syntax_ok(h));
+        if req.target.is_empty() {
+            v.push(("target".into(), "required".into()));
+        } else if target.is_none() {
+            v.push(("target".into(), "not host:port, [v6]:port or a host name".into()));
+        }
+        if req.page_size > 1000 {
+            v.push(("page_size".into(), "at most 1000".into()));
+        }
+        if req.page_token.len() > MAX_ID || !req.page_token.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            v.push(("page_token".into(), "not a token from a previous answer".into()));
+        }
+        let Some((host, port)) = target.filter(|_| v.is_empty()) else {
+            return Err(invalid(&v));
+        };
+        let size = if req.page_size == 0 { 50 } else { req.page_size as usize };
+        let before = Some(req.page_token.as_str()).filter(|t| !t.is_empty());
+        let key = crate::history::target_key(&host, port);
+        let mut entries = self.fleet.history().target(&key, before, size + 1).await.map_err(|e| {
+            tracing::warn!(error = %e, "target history: history not readable");
+            Status::unavailable("the check history cannot be read")
+        })?;
+        let more = entries.len() > size;
+        entries.truncate(size);
+        Ok(Response::new(pb::TargetHistoryResponse {
+            next_page_token: if more {
+                entries.last().map(|e| e.check_id.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            },
+            entries: entries.iter().map(entry_to_proto).collect(),
+        }))
     }
 
     async fn list_causes(
@@ -147,6 +221,166 @@ impl pb::preflight_server::Preflight for PreflightService {
             })
             .collect();
         Ok(Response::new(pb::ListCausesResponse { causes }))
+    }
+}
+
+/// `INVALID_ARGUMENT` naming each bad field.
+fn invalid(v: &[(String, String)]) -> Status {
+    let msg = format!(
+        "invalid request: {}",
+        v.iter()
+            .map(|(f, w)| format!("{f}: {w}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let mut details = ErrorDetails::new();
+    for (f, w) in v {
+        details.add_bad_request_violation(f.clone(), w.clone());
+    }
+    Status::with_error_details(tonic::Code::InvalidArgument, msg, details)
+}
+
+fn proto_cause(name: &str) -> i32 {
+    Cause::from_name(name).map_or(0, |c| i32::from(c.number()))
+}
+
+fn proto_verdict(v: &str) -> i32 {
+    match v {
+        "allow" => pb::Verdict::Allow,
+        "allow_with_warnings" => pb::Verdict::AllowWithWarnings,
+        "deny" => pb::Verdict::Deny,
+        _ => pb::Verdict::Unspecified,
+    }
+    .into()
+}
+
+fn ts_ms(ms: i64) -> pbjson_types::Timestamp {
+    ts(
+        ms.div_euclid(1000),
+        u32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    )
+}
+
+/// The fleet's state in its protobuf form.
+pub fn fleet_to_proto(s: &crate::fleet::Status, cfg: &crate::history::HistoryConfig) -> pb::FleetStatusResponse {
+    let window = cfg.flap_window.as_secs();
+    pb::FleetStatusResponse {
+        targets: s
+            .targets
+            .iter()
+            .map(|t| {
+                let st = &t.state;
+                pb::TargetStatus {
+                    target: st.target.clone(),
+                    verdict: proto_verdict(&st.verdict),
+                    primary_cause: proto_cause(&st.primary_cause),
+                    causes: st.causes.iter().map(|c| proto_cause(c)).collect(),
+                    since: Some(ts_ms(st.since_ms)),
+                    since_exact: st.since_exact,
+                    last_checked: Some(ts_ms(st.last_ms)),
+                    changes: st.changes,
+                    flapping: st.flapping,
+                    cert_days_left: st.cert_days_left(s.as_of_ms),
+                    cert_not_after: st.cert_not_after.map(|t| ts(t, 0)),
+                    labels: t.labels.clone().into_iter().collect(),
+                    in_inventory: t.in_inventory,
+                }
+            })
+            .collect(),
+        findings: s
+            .targets
+            .iter()
+            .filter(|t| t.state.flapping)
+            .map(|t| pb::FleetFinding {
+                kind: "flapping".into(),
+                target: t.state.target.clone(),
+                message: format!(
+                    "{} changed state {} times within {} h (more than {}): {}",
+                    t.state.target,
+                    t.state.changes,
+                    window / 3600,
+                    cfg.flap_changes,
+                    t.state.sequence.join(" → ")
+                ),
+                evidence: [
+                    ("changes", t.state.changes.to_string()),
+                    ("window_seconds", window.to_string()),
+                    ("cause_sequence", t.state.sequence.join(",")),
+                ]
+                .into_iter()
+                .map(|(k, v)| pb::Evidence {
+                    key: k.into(),
+                    value: v,
+                })
+                .collect(),
+            })
+            .collect(),
+        trend: s
+            .trend
+            .iter()
+            .map(|b| pb::CauseTrend {
+                hour: Some(ts_ms(b.hour_ms)),
+                cause: proto_cause(&b.cause),
+                targets: b.targets,
+            })
+            .collect(),
+        forecast: s
+            .forecast
+            .iter()
+            .map(|f| pb::CertForecast {
+                target: f.target.clone(),
+                not_after: Some(ts(f.not_after, 0)),
+                days_left: f.days_left,
+                sha256_fingerprint: f.fingerprint.clone(),
+            })
+            .collect(),
+        as_of: Some(ts_ms(s.as_of_ms)),
+        window_seconds: window,
+        flap_changes: cfg.flap_changes,
+    }
+}
+
+fn entry_to_proto(e: &Entry) -> pb::HistoryEntry {
+    pb::HistoryEntry {
+        check_id: e.check_id.clone(),
+        started_at: Some(ts_ms(e.at_ms)),
+        duration_millis: e.duration_ms,
+        source: match e.source {
+            Source::Gateway => "gateway",
+            Source::Sweep => "sweep",
+        }
+        .into(),
+        verdict: proto_verdict(&e.verdict),
+        primary_cause: proto_cause(&e.primary_cause),
+        causes: e.causes.iter().map(|c| proto_cause(c)).collect(),
+        stages: e
+            .stages
+            .iter()
+            .filter_map(|(name, micros)| {
+                let s = Stage::ALL.iter().find(|s| s.as_str() == name)?;
+                Some(pb::StageTiming {
+                    stage: stage(*s).into(),
+                    duration_micros: *micros,
+                })
+            })
+            .collect(),
+        cert_sha256_fingerprint: e.cert_fingerprint.clone(),
+        cert_not_after: e.cert_not_after.map(|t| ts(t, 0)),
+        account: e.account.clone().unwrap_or_default(),
+    }
+}
+
+/// Splits `host:port`, `[v6]:port` or a bare host (the default port); `None` if malformed.
+fn split_target(t: &str, default_port: u16) -> Option<(String, u16)> {
+    if let Ok(a) = t.parse::<std::net::SocketAddr>() {
+        return Some((a.ip().to_string(), a.port()));
+    }
+    if crate::policy::is_ip_literal(t).is_some() {
+        return Some((t.trim_matches(['[', ']']).to_owned(), default_port));
+    }
+    match t.rsplit_once(':') {
+        Some((h, p)) => Some((h.to_owned(), p.parse::<u16>().ok().filter(|p| *p != 0)?)),
+        None => Some((t.to_owned(), default_port)),
     }
 }
 
@@ -535,7 +769,7 @@ pub async fn router(
     checker: Arc<Checker>,
     audit: Option<AuditLog>,
     metrics: Arc<Metrics>,
-    history: Arc<dyn History>,
+    fleet: Arc<Fleet>,
 ) -> Result<(tonic::transport::server::Router, tonic_health::server::HealthReporter), String> {
     let cfg = checker.config().clone();
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -574,7 +808,7 @@ pub async fn router(
             }
         }
     };
-    let svc = pb::preflight_server::PreflightServer::new(PreflightService::new(checker, audit, metrics, history))
+    let svc = pb::preflight_server::PreflightServer::new(PreflightService::new(checker, audit, metrics, fleet))
         .max_decoding_message_size(64 * 1024);
     let svc = tonic::service::interceptor::InterceptedService::new(svc, auth);
     let mut builder = tonic::transport::Server::builder();

@@ -113,6 +113,8 @@ pub struct SweepFile {
     pub concurrency: usize,
     /// Sweep checks at once towards one host (default 1).
     pub per_host_concurrency: usize,
+    /// The inventory label whose values split the certificate gauge (default none).
+    pub metric_label: Option<String>,
 }
 
 impl Default for SweepFile {
@@ -122,6 +124,7 @@ impl Default for SweepFile {
             interval_secs: 900,
             concurrency: 8,
             per_host_concurrency: 1,
+            metric_label: None,
         }
     }
 }
@@ -137,6 +140,8 @@ pub struct SweepConfig {
     pub concurrency: usize,
     /// Per-host limit.
     pub per_host: usize,
+    /// The label of the certificate gauge.
+    pub metric_label: Option<String>,
 }
 
 impl SweepFile {
@@ -152,6 +157,15 @@ impl SweepFile {
         if self.per_host_concurrency == 0 {
             return Err("sweep.per_host_concurrency: must be > 0".into());
         }
+        if let Some(l) = &self.metric_label {
+            let ok = l.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !l.starts_with("__")
+                && l != "le";
+            if !ok {
+                return Err(format!("sweep.metric_label: {l:?} is not a Prometheus label name"));
+            }
+        }
         let Some(path) = &self.inventory else {
             return Ok(None);
         };
@@ -161,6 +175,7 @@ impl SweepFile {
             interval: Duration::from_secs(self.interval_secs),
             concurrency: self.concurrency,
             per_host: self.per_host_concurrency,
+            metric_label: self.metric_label.clone(),
         }))
     }
 }

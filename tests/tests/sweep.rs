@@ -4,7 +4,10 @@
 use std::{collections::BTreeMap, process::Command, sync::Arc, time::Duration};
 
 use gateway_sim::{demo::Harness, driver::DirectoryHandle, scenario::Scenario};
-use integration_tests::{plugin::plugin_bin, postgres::Postgres};
+use integration_tests::{
+    plugin::{client, plugin_bin, serve_binary},
+    postgres::Postgres,
+};
 use rdp_preflight::{
     check::Checker,
     config::FileConfig,
@@ -12,6 +15,7 @@ use rdp_preflight::{
     store::{history::PgHistory, lease::PgLease, Store, StoreFile},
     sweep::{Lease, LocalLease, Scheduler},
 };
+use rdp_preflight_proto::v1 as pb;
 
 const SCENARIO: &str = r#"
 [[target]]
@@ -394,4 +398,232 @@ async fn the_scheduled_sweep_respects_its_concurrency_limits() {
         "at most 3 at once over all hosts (and the limit reached): {all}"
     );
     assert!(on("127.0.0.1:") <= 2 && on("localhost:") <= 2, "at most 2 per host");
+}
+
+const FLEET: &str = r#"
+[[target]]
+name = "ok"
+behavior = "healthy"
+
+[[target]]
+name = "soon"
+behavior = "healthy"
+cert = "expiring_soon"
+
+[[target]]
+name = "expired"
+behavior = "healthy"
+cert = "expired"
+
+[[target]]
+name = "flap"
+behavior = "flapping_path"
+run_length = 2
+
+[[target]]
+name = "refused"
+behavior = "refused"
+"#;
+
+async fn metrics_text(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin listener");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.expect("read");
+    body
+}
+
+/// `serve` sweeping the sim fleet every second: FleetStatus shows every target's state, the
+/// flapping target as a fleet finding with its cause sequence, the certificate forecast
+/// soonest first; filters by label and cause; TargetHistory pages newest first; the `fleet`
+/// commands print them; the gauges follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_view_shows_states_flapping_and_the_certificate_forecast() {
+    let harness = Harness::start(&Scenario::parse(FLEET).expect("scenario"))
+        .await
+        .expect("fleet");
+    let fleet = &harness.env.fleet;
+    let port = |n: &str| fleet.addr(n).expect("target").port();
+    let mut inventory = String::from("host,port,expected_name,expected_computer,labels\n");
+    for (name, site) in [
+        ("ok", "par"),
+        ("soon", "par"),
+        ("expired", "lyo"),
+        ("flap", "lyo"),
+        ("refused", "par"),
+    ] {
+        inventory.push_str(&format!("127.0.0.1,{},{name},,site={site};team=win\n", port(name)));
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let inv = dir.path().join("inventory.csv");
+    std::fs::write(&inv, &inventory).expect("write");
+    let mut cfg = harness.plugin_config.clone();
+    cfg.sweep.inventory = Some(inv);
+    cfg.sweep.interval_secs = 1;
+    cfg.sweep.metric_label = Some("site".into());
+    cfg.history.flap_changes = 2;
+    cfg.admin.listen = Some("127.0.0.1:0".into());
+    // The admin listener's address is logged at info.
+    cfg.log.level = "info".into();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, toml::to_string(&cfg).expect("toml")).expect("write");
+    let served = serve_binary(&path, &[]);
+    let mut client = client(&served.endpoint()).await;
+    let key = |n: &str| format!("127.0.0.1:{}", port(n));
+
+    // Wait for the flapping target: OK, OK, X224_CLOSED … changes more than twice.
+    let mut status = pb::FleetStatusResponse::default();
+    for _ in 0..40 {
+        status = client
+            .fleet_status(pb::FleetStatusRequest::default())
+            .await
+            .expect("answered")
+            .into_inner();
+        if !status.findings.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let find = |name: &str| {
+        status
+            .targets
+            .iter()
+            .find(|t| t.target == key(name))
+            .unwrap_or_else(|| panic!("{name} missing from {status:?}"))
+    };
+    assert_eq!(status.targets.len(), 5);
+    assert_eq!(find("ok").primary_cause(), pb::Cause::Ok);
+    assert_eq!(find("soon").primary_cause(), pb::Cause::CertExpiringSoon);
+    assert_eq!(find("expired").primary_cause(), pb::Cause::CertExpired);
+    assert_eq!(find("refused").primary_cause(), pb::Cause::TcpRefused);
+    assert_eq!(find("refused").verdict(), pb::Verdict::Deny);
+    assert!(find("ok").in_inventory && find("ok").labels.get("team").is_some_and(|t| t == "win"));
+    assert!(find("flap").flapping && find("flap").changes > 2, "{:?}", find("flap"));
+    assert!(!find("ok").flapping && find("ok").changes == 0);
+    assert_eq!(status.findings.len(), 1, "{:?}", status.findings);
+    let f = &status.findings[0];
+    assert_eq!((f.kind.as_str(), f.target.clone()), ("flapping", key("flap")));
+    let seq = f
+        .evidence
+        .iter()
+        .find(|e| e.key == "cause_sequence")
+        .map(|e| e.value.clone())
+        .expect("cause sequence");
+    assert!(seq.contains("OK,X224_CLOSED,OK"), "{seq}");
+    // The forecast: soonest first, the year-long certificates not in it.
+    let forecast: Vec<(String, i64)> = status
+        .forecast
+        .iter()
+        .map(|c| (c.target.clone(), c.days_left))
+        .collect();
+    assert_eq!(forecast, [(key("expired"), -1), (key("soon"), 2)]);
+    assert!(find("ok").cert_days_left.is_some_and(|d| d > 300));
+    assert!(status
+        .trend
+        .iter()
+        .any(|b| b.cause() == pb::Cause::CertExpired && b.targets == 1));
+
+    // Filters.
+    let select = |labels: &[(&str, &str)], cause: pb::Cause| pb::FleetStatusRequest {
+        labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        cause: cause.into(),
+    };
+    let names = |r: pb::FleetStatusResponse| r.targets.into_iter().map(|t| t.target).collect::<Vec<_>>();
+    let par = client
+        .fleet_status(select(&[("site", "par")], pb::Cause::Unspecified))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(names(par).len(), 3);
+    let expired = client
+        .fleet_status(select(&[], pb::Cause::CertExpired))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(names(expired), [key("expired")]);
+
+    // One target's history, newest first, in pages.
+    let page = |token: String| pb::TargetHistoryRequest {
+        target: key("flap"),
+        page_size: 2,
+        page_token: token,
+    };
+    let p1 = client
+        .target_history(page(String::new()))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(p1.entries.len(), 2);
+    assert!(p1.entries[0].check_id > p1.entries[1].check_id);
+    assert!(p1.entries.iter().all(|e| e.source == "sweep" && e.account.is_empty()));
+    let p2 = client
+        .target_history(page(p1.next_page_token.clone()))
+        .await
+        .expect("answered")
+        .into_inner();
+    assert!(!p2.entries.is_empty() && p2.entries[0].check_id < p1.entries[1].check_id);
+    let bad = client
+        .target_history(pb::TargetHistoryRequest {
+            target: "bad host:99999".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("target"), "{}", bad.message());
+
+    // The commands.
+    let cli = |args: &[&str]| {
+        let out = Command::new(plugin_bin())
+            .arg("fleet")
+            .args(args)
+            .args(["--server", &served.endpoint()])
+            .output()
+            .expect("run fleet");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = tokio::task::block_in_place(|| cli(&["status"]));
+    assert!(
+        text.contains("FLAPS/24H") && text.contains(" FLAP") && text.contains("5 target(s)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("flapping: ") && text.contains("certificates expiring soonest"),
+        "{text}"
+    );
+    let text = tokio::task::block_in_place(|| cli(&["history", &key("expired"), "--limit", "3"]));
+    assert!(text.contains("CERT_EXPIRED") && text.contains("3 check(s)"), "{text}");
+
+    // The gauges.
+    let stderr = served.stderr.lock().map(|l| l.clone()).unwrap_or_default();
+    let admin = stderr
+        .lines()
+        .filter(|l| l.contains("admin listener"))
+        .find_map(|l| {
+            l.split("listen=")
+                .nth(1)
+                .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
+        })
+        .expect("admin address");
+    // Refreshed every interval (here a second): wait for the flapping target to reach them.
+    let mut text = String::new();
+    for _ in 0..20 {
+        text = metrics_text(&admin).await;
+        if text.contains("rdp_preflight_fleet_flapping_targets 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(text.contains("rdp_preflight_fleet_flapping_targets 1"), "{text}");
+    assert!(text.contains("rdp_preflight_fleet_targets{primary_cause=\"CERT_EXPIRED\"} 1"));
+    assert!(
+        text.contains("rdp_preflight_fleet_cert_min_days_left{site=\"lyo\"} -1"),
+        "{text}"
+    );
+    assert!(text.contains("rdp_preflight_fleet_cert_min_days_left{site=\"par\"} 2"));
+    assert!(text.contains("rdp_preflight_fleet_targets_by_state{state=\"deny\"}"));
 }

@@ -285,7 +285,7 @@ impl History for MemoryHistory {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::atomic::{AtomicI64, Ordering};
 
     use super::*;

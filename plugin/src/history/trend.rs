@@ -44,10 +44,10 @@ pub struct TargetState {
 }
 
 impl TargetState {
-    /// Whole days until the certificate expires (negative: expired), at `now_ms`.
+    /// Whole days until the certificate expires, at `now_ms` (negative: whole days since it
+    /// expired; 0 within a day either side).
     pub fn cert_days_left(&self, now_ms: i64) -> Option<i64> {
-        self.cert_not_after
-            .map(|t| (t.saturating_mul(1000) - now_ms).div_euclid(DAY_MS))
+        self.cert_not_after.map(|t| (t.saturating_mul(1000) - now_ms) / DAY_MS)
     }
 }
 
@@ -277,7 +277,7 @@ mod tests {
         let s = states(&es, NOW, 24 * HOUR_MS, 4);
         let f = cert_forecast(&s, NOW, 30 * DAY_MS);
         let got: Vec<(&str, i64)> = f.iter().map(|x| (x.target.as_str(), x.days_left)).collect();
-        assert_eq!(got, [("gone:1", -2), ("soon:1", 3), ("mid:1", 12)]);
+        assert_eq!(got, [("gone:1", -1), ("soon:1", 3), ("mid:1", 12)]);
         assert_eq!(target_count(&es), 5);
     }
 }
