@@ -627,3 +627,109 @@ async fn the_fleet_view_shows_states_flapping_and_the_certificate_forecast() {
     assert!(text.contains("rdp_preflight_fleet_cert_min_days_left{site=\"par\"} 2"));
     assert!(text.contains("rdp_preflight_fleet_targets_by_state{state=\"deny\"}"));
 }
+
+/// Two `serve` replicas on one PostgreSQL, both with the same `[sweep]`: each slot is swept
+/// once for the cluster (the lease), and the history, the sweep's and a gateway's checks
+/// alike, is the same from either replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sweep_once_per_interval_and_share_the_history() {
+    let pg = Postgres::start();
+    let harness = Harness::start(&Scenario::parse(FLEET).expect("scenario"))
+        .await
+        .expect("fleet");
+    let fleet = &harness.env.fleet;
+    let port = |n: &str| fleet.addr(n).expect("target").port();
+    let dir = tempfile::tempdir().expect("tmp");
+    let inv = dir.path().join("inventory.csv");
+    let mut inventory = String::from("host,port,expected_name,expected_computer,labels\n");
+    for name in ["ok", "expired", "refused"] {
+        inventory.push_str(&format!("127.0.0.1,{},{name},,site=par\n", port(name)));
+    }
+    std::fs::write(&inv, &inventory).expect("write");
+    let mut cfg = harness.plugin_config.clone();
+    cfg.store = store_file(&pg, dir.path());
+    cfg.sweep.inventory = Some(inv);
+    cfg.sweep.interval_secs = 1;
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, toml::to_string(&cfg).expect("toml")).expect("write");
+    let (a, b) = std::thread::scope(|sc| {
+        let a = sc.spawn(|| serve_binary(&path, &[]));
+        let b = sc.spawn(|| serve_binary(&path, &[]));
+        (a.join().expect("replica a"), b.join().expect("replica b"))
+    });
+    // A gateway's check on replica a.
+    let mut ca = client(&a.endpoint()).await;
+    let mut cb = client(&b.endpoint()).await;
+    let report = ca
+        .check(pb::CheckRequest {
+            request_id: "gw-1".into(),
+            target: Some(pb::Target {
+                host: "127.0.0.1".into(),
+                port: u32::from(port("ok")),
+                expected_name: "ok".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("answered")
+        .into_inner();
+    assert_eq!(report.verdict(), pb::Verdict::Allow);
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+
+    let history = |c: &mut pb::preflight_client::PreflightClient<tonic::transport::Channel>, name: &str| {
+        let req = pb::TargetHistoryRequest {
+            target: format!("127.0.0.1:{}", port(name)),
+            page_size: 1000,
+            page_token: String::new(),
+        };
+        let mut c = c.clone();
+        async move { c.target_history(req).await.expect("answered").into_inner().entries }
+    };
+    for name in ["ok", "expired", "refused"] {
+        let from_a = history(&mut ca, name).await;
+        let from_b = history(&mut cb, name).await;
+        assert_eq!(from_a, from_b, "{name}: the same history from both replicas");
+        let sweeps: Vec<i64> = from_a
+            .iter()
+            .filter(|e| e.source == "sweep")
+            .map(|e| e.started_at.as_ref().map_or(0, |t| t.seconds))
+            .collect();
+        // About five slots of a second: one check each, never two in one slot.
+        let slots: std::collections::BTreeSet<i64> = sweeps.iter().copied().collect();
+        assert_eq!(slots.len(), sweeps.len(), "{name}: a slot swept twice: {sweeps:?}");
+        assert!(
+            (3..=7).contains(&sweeps.len()),
+            "{name}: {} sweeps in 5.5 s",
+            sweeps.len()
+        );
+    }
+    let ok = history(&mut cb, "ok").await;
+    assert!(
+        ok.iter()
+            .any(|e| e.source == "gateway" && e.check_id == report.check_id),
+        "replica b sees replica a's gateway check"
+    );
+    let status_a = ca
+        .fleet_status(pb::FleetStatusRequest::default())
+        .await
+        .expect("a")
+        .into_inner();
+    let status_b = cb
+        .fleet_status(pb::FleetStatusRequest::default())
+        .await
+        .expect("b")
+        .into_inner();
+    let states = |s: &pb::FleetStatusResponse| {
+        s.targets
+            .iter()
+            .map(|t| (t.target.clone(), t.primary_cause, t.in_inventory))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(states(&status_a), states(&status_b));
+    assert_eq!(status_a.targets.len(), 3);
+    assert!(
+        pg.psql("SELECT holder FROM sweep_lease").trim().len() >= 26,
+        "a replica holds the lease"
+    );
+}
