@@ -15,6 +15,10 @@ use crate::{
 /// The default scenario, shipped in the binary so `gateway-sim demo` needs no file.
 pub const DEFAULT_SCENARIO: &str = include_str!("../scenarios/default.toml");
 
+/// The fleet `gateway-sim sweep` sweeps by default: a flapping path, certificates expiring
+/// within the forecast window, a refused port, an NLA target.
+pub const SWEEP_SCENARIO: &str = include_str!("../scenarios/sweep.toml");
+
 /// A running simulated estate and the plugin configuration that fits it.
 pub struct Harness {
     /// Fleet and directory.
@@ -149,4 +153,148 @@ pub async fn run_demo(scenario: &Scenario, jobs: usize) -> Result<Vec<RowResult>
         Ok(Err(e)) => Err(e),
         Err(e) => Err(format!("plugin task: {e}")),
     }
+}
+
+/// What [`run_sweep`] saw.
+pub struct SweepDemo {
+    /// The fleet as the history saw it after the last slot.
+    pub status: rdp_preflight::fleet::Status,
+    /// NLA AUTHENTICATE messages the targets received (a sweep sends none).
+    pub authenticates: u64,
+    /// Binds the simulated directory received (a sweep sends none).
+    pub binds: u64,
+    /// `host:port` of each target, by scenario name.
+    pub keys: Vec<(String, String)>,
+}
+
+/// Starts the scenario's fleet and sweeps it with the plugin's scheduler, in-process, for
+/// `slots` slots of `interval_secs` (the inventory: every target, labelled with its behaviour;
+/// `flap_changes`: the flapping threshold); never a credential.
+pub async fn run_sweep(
+    scenario: &Scenario,
+    interval_secs: u64,
+    slots: u64,
+    flap_changes: u32,
+) -> Result<SweepDemo, String> {
+    use rdp_preflight::{check::Checker, fleet, history, sweep};
+    let harness = Harness::start(scenario).await?;
+    let fleet_env = &harness.env.fleet;
+    let mut inventory = String::from(sweep::HEADER);
+    inventory.push('\n');
+    let mut keys = Vec::new();
+    for t in &scenario.targets {
+        let addr = fleet_env
+            .addr(&t.name)
+            .ok_or_else(|| format!("{}: not started", t.name))?;
+        let computer = if t.behavior.is_nla() {
+            t.nla.computer.as_str()
+        } else {
+            ""
+        };
+        inventory.push_str(&format!(
+            "{},{},{},{computer},behavior={}\n",
+            addr.ip(),
+            addr.port(),
+            t.name,
+            t.behavior
+        ));
+        keys.push((t.name.clone(), history::target_key(&addr.ip().to_string(), addr.port())));
+    }
+    let path = harness.files.path().join("inventory.csv");
+    std::fs::write(&path, inventory).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut file = harness.plugin_config.clone();
+    file.sweep.inventory = Some(path);
+    file.sweep.interval_secs = interval_secs;
+    file.history.flap_changes = flap_changes;
+    let cfg = Arc::new(file.validate().map_err(|e| e.to_string())?);
+    let sc = cfg.sweep.clone().ok_or("no sweep")?;
+    let history: Arc<dyn history::History> = Arc::new(history::MemoryHistory::new(cfg.history));
+    let (checker, _) = Checker::open(cfg.clone()).await?;
+    let scheduler = Arc::new(sweep::Scheduler::new(
+        Arc::new(checker),
+        sc,
+        history.clone(),
+        Arc::new(sweep::LocalLease),
+    ));
+    let view = fleet::Fleet::new(history, cfg.history, Some(scheduler.clone()), cfg.default_port);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(scheduler.run(async {
+        let _ = stopped.await;
+    }));
+    // To the first boundary, then `slots` slots and a little for the last checks.
+    let interval_ms = interval_secs.saturating_mul(1000);
+    let now = u64::try_from(history::now_ms()).unwrap_or(0);
+    let wait = interval_ms - now % interval_ms + slots * interval_ms + 500;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let _ = stop.send(());
+    let _ = run.await;
+    let status = view.status(&fleet::Filter::default()).await?;
+    let authenticates = scenario
+        .targets
+        .iter()
+        .filter_map(|t| fleet_env.authenticates(&t.name))
+        .sum();
+    let binds = match &harness.env.directory {
+        Some(DirectoryHandle::Local(d)) => d.bind_count(),
+        _ => 0,
+    };
+    Ok(SweepDemo {
+        status,
+        authenticates,
+        binds,
+        keys,
+    })
+}
+
+/// The human summary of a sweep demo.
+pub fn format_sweep(d: &SweepDemo) -> String {
+    use std::fmt::Write as _;
+    let name = |key: &str| {
+        d.keys
+            .iter()
+            .find(|(_, k)| k == key)
+            .map_or(key.to_owned(), |(n, _)| n.clone())
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<14} {:<20} {:<22} {:>7} {:>5} {:>9}",
+        "TARGET", "STATE", "CAUSE", "CHANGES", "FLAP", "CERT DAYS"
+    );
+    for t in &d.status.targets {
+        let s = &t.state;
+        let _ = writeln!(
+            out,
+            "{:<14} {:<20} {:<22} {:>7} {:>5} {:>9}",
+            name(&s.target),
+            s.verdict,
+            s.primary_cause,
+            s.changes,
+            if s.flapping { "yes" } else { "" },
+            s.cert_days_left(d.status.as_of_ms)
+                .map_or_else(|| "-".into(), |x| x.to_string())
+        );
+    }
+    for t in d.status.targets.iter().filter(|t| t.state.flapping) {
+        let _ = writeln!(
+            out,
+            "flapping: {} ({})",
+            name(&t.state.target),
+            t.state.sequence.join(" → ")
+        );
+    }
+    for f in &d.status.forecast {
+        let when = if f.days_left < 0 {
+            format!("expired {} day(s) ago", -f.days_left)
+        } else {
+            format!("expires in {} day(s)", f.days_left)
+        };
+        let _ = writeln!(out, "certificate: {} {when}", name(&f.target));
+    }
+    let _ = writeln!(
+        out,
+        "credentials sent: {} NLA AUTHENTICATE, {} directory bind(s)",
+        d.authenticates, d.binds
+    );
+    out
 }

@@ -120,6 +120,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Start a scenario's fleet (default: the shipped sweep scenario) and sweep it with the
+    /// plugin's scheduler in-process, never with a credential; print every target's state, the
+    /// flapping targets and the certificate forecast.
+    Sweep {
+        /// Scenario file (default: the shipped sweep scenario).
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// Seconds per slot.
+        #[arg(long, default_value_t = 1)]
+        interval: u64,
+        /// Slots to sweep.
+        #[arg(long, default_value_t = 8)]
+        slots: u64,
+        /// A target changing state more than this many times is flapping.
+        #[arg(long, default_value_t = 3)]
+        flap_changes: u32,
+    },
     /// Start the default scenario's fleet, the simulated directory and the plugin (in-process,
     /// embedded defaults plus trust in the sim's CAs), and play every row: one per cause the sim
     /// can produce.
@@ -176,6 +193,20 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Sweep {
+            scenario,
+            interval,
+            slots,
+            flap_changes,
+        } => {
+            let scenario = match scenario {
+                Some(p) => Scenario::load(&p)?,
+                None => Scenario::parse(gateway_sim::demo::SWEEP_SCENARIO)?,
+            };
+            let d = gateway_sim::demo::run_sweep(&scenario, interval.max(1), slots.max(1), flap_changes).await?;
+            emit(&gateway_sim::demo::format_sweep(&d))?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Targets {
             scenario,

@@ -156,16 +156,15 @@ pub async fn serve_with_ready(
         cfg.default_port,
     ));
     let sweeper = sweeper.map(|(_, task)| task);
-    // The fleet's gauges, computed from the history every minute (or every sweep interval,
-    // when shorter) while the admin listener serves them.
+    // The fleet's gauges, computed from the history once per sweep interval (the sweep's data
+    // change no faster), every minute without a sweep, while the admin listener serves them.
     let gauges = cfg.admin_listen.map(|_| {
         let (fleet, metrics) = (fleet.clone(), metrics.clone());
         let label = cfg.sweep.as_ref().and_then(|s| s.metric_label.clone());
         let every = cfg
             .sweep
             .as_ref()
-            .map_or(std::time::Duration::from_secs(60), |s| s.interval)
-            .min(std::time::Duration::from_secs(60));
+            .map_or(std::time::Duration::from_secs(60), |s| s.interval);
         let mut rx = sweep_stopped.clone();
         tokio::spawn(async move {
             loop {

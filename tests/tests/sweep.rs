@@ -733,3 +733,55 @@ async fn two_replicas_sweep_once_per_interval_and_share_the_history() {
         "a replica holds the lease"
     );
 }
+
+/// The sim's sweep scenario, swept in-process: the flapping path is the one flapping target
+/// with its cause sequence, the forecast lists the expired then the expiring certificate, and
+/// no credential reached a target or the directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sim_sweep_scenario_finds_the_flapping_path_and_the_expiring_certificates() {
+    let scenario = Scenario::parse(gateway_sim::demo::SWEEP_SCENARIO).expect("scenario");
+    let d = gateway_sim::demo::run_sweep(&scenario, 1, 8, 3).await.expect("sweep");
+    let key = |name: &str| {
+        d.keys
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, k)| k.clone())
+            .expect("target")
+    };
+    let flapping: Vec<&str> = d
+        .status
+        .targets
+        .iter()
+        .filter(|t| t.state.flapping)
+        .map(|t| t.state.target.as_str())
+        .collect();
+    assert_eq!(flapping, [key("rdp-vpn")], "{}", gateway_sim::demo::format_sweep(&d));
+    let vpn = d
+        .status
+        .targets
+        .iter()
+        .find(|t| t.state.target == key("rdp-vpn"))
+        .expect("vpn");
+    assert!(
+        vpn.state.sequence.windows(2).all(|w| w[0] != w[1]),
+        "{:?}",
+        vpn.state.sequence
+    );
+    assert!(vpn.state.sequence.iter().any(|c| c == "X224_CLOSED"));
+    assert_eq!(vpn.labels.get("behavior").map(String::as_str), Some("flapping_path"));
+    let forecast: Vec<String> = d.status.forecast.iter().map(|f| f.target.clone()).collect();
+    assert_eq!(forecast, [key("rdp-expired"), key("rdp-expiring")], "soonest first");
+    let state = |name: &str| {
+        let t = d
+            .status
+            .targets
+            .iter()
+            .find(|t| t.state.target == key(name))
+            .expect("state");
+        (t.state.primary_cause.clone(), t.state.changes)
+    };
+    assert_eq!(state("rdp-ok"), ("OK".into(), 0));
+    assert_eq!(state("rdp-down"), ("TCP_REFUSED".into(), 0));
+    assert_eq!(state("rdp-nla"), ("OK".into(), 0));
+    assert_eq!((d.authenticates, d.binds), (0, 0), "a sweep sends no credential");
+}
