@@ -327,7 +327,6 @@ impl Scheduler {
                 () = &mut stop => break 'slots,
                 () = tokio::time::sleep_until(start) => {}
             }
-            while tasks.try_join_next().is_some() {}
             match self.lease.claim(slot).await {
                 Ok(true) => {}
                 Ok(false) => {
@@ -347,6 +346,9 @@ impl Scheduler {
                     () = &mut stop => break 'slots,
                     () = tokio::time::sleep_until(start + at) => {}
                 }
+                // Finished checks leave the set now: a completed task keeps its memory until
+                // joined.
+                while tasks.try_join_next().is_some() {}
                 let input = sweep_input(self.checker.config(), t, format!("sweep-{slot}-{i}"));
                 let (me, host) = (self.clone(), self.host_limit(&t.host));
                 tasks.spawn(async move {
@@ -374,24 +376,26 @@ pub async fn run_pass(
     concurrency: usize,
     history: Option<Arc<dyn History>>,
 ) -> Vec<Report> {
-    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
-    let mut tasks = Vec::new();
-    for (i, t) in targets.iter().enumerate() {
+    use futures::StreamExt;
+    // At most `concurrency` checks exist at once (each spawned, so they spread over the
+    // runtime's threads, and a slow one holds only its own slot); then inventory order.
+    let tasks = targets.iter().enumerate().map(|(i, t)| {
         let input = sweep_input(checker.config(), t, format!("sweep-{i}"));
-        let (checker, sem, history) = (checker.clone(), sem.clone(), history.clone());
-        tasks.push(tokio::spawn(async move {
-            let _permit = sem.acquire_owned().await;
-            sweep_check(&checker, input, history.as_ref()).await
-        }));
-    }
-    let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        match t.await {
-            Ok(r) => out.push(r),
-            Err(e) => tracing::error!(error = %e, "sweep task failed"),
-        }
-    }
-    out
+        let (checker, history) = (checker.clone(), history.clone());
+        let task = tokio::spawn(async move { sweep_check(&checker, input, history.as_ref()).await });
+        async move { (i, task.await) }
+    });
+    let mut done: Vec<(usize, Report)> = futures::stream::iter(tasks)
+        .buffer_unordered(concurrency.max(1))
+        .filter_map(|(i, r)| async move {
+            r.map(|r| (i, r))
+                .inspect_err(|e| tracing::error!(error = %e, "sweep task failed"))
+                .ok()
+        })
+        .collect()
+        .await;
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 //! A sweep of N (default 2,000) inventory targets on the simulated fleet, against the plain
 //! `Check` throughput of the same run: one pass of `rdp-preflight sweep` (wall time, peak RSS,
 //! checks/s), the same targets through `rdp-preflight serve`'s `Check` over gRPC at the same
-//! concurrency, and the scheduled sweep of `serve` (every target checked within one slot,
-//! peak RSS with the history held, the `FleetStatus` answer's latency). Prints numbers, asserts
-//! only that every target was checked.
+//! concurrency, the scheduled sweep of `serve` (every target checked within one slot, peak RSS,
+//! the `FleetStatus` answer's latency), and what a day of this fleet's history costs in memory.
+//! Prints numbers, asserts only that every target was checked.
 //!
 //! `cargo run --release -p integration-tests --example sweep_bench [-- N [CONCURRENCY [INTERVAL_SECS]]]`
 
@@ -19,7 +19,10 @@ use gateway_sim::{
     targets::start_fleet,
 };
 use integration_tests::plugin::{client, plugin_bin, serve_binary};
-use rdp_preflight::config::FileConfig;
+use rdp_preflight::{
+    config::FileConfig,
+    history::{Entry, History, MemoryHistory, Source},
+};
 use rdp_preflight_proto::v1 as pb;
 
 /// One line of the result table.
@@ -87,6 +90,13 @@ async fn main() {
         let port = fleet.addr(&s.name).expect("target").port();
         inventory.push_str(&format!("127.0.0.1,{port},{},,site=s{}\n", s.name, i % 10));
     }
+    // A refused target's port is released, and a later target's listener may get it: the
+    // inventory then names that port twice, and the history holds one target for both rows.
+    let distinct = specs
+        .iter()
+        .map(|s| fleet.addr(&s.name).expect("target").port())
+        .collect::<std::collections::BTreeSet<u16>>()
+        .len();
     let inv = tmp.path().join("inventory.csv");
     std::fs::write(&inv, &inventory).expect("inventory");
     let mut cfg = FileConfig::default();
@@ -193,7 +203,7 @@ async fn main() {
     let boundary = Instant::now() + Duration::from_millis(u64::try_from(slot_ms - now % slot_ms).expect("ms"));
     tokio::time::sleep_until(boundary.into()).await;
     let (mut seen, mut status_ms) = (0, 0.0);
-    while seen < n && boundary.elapsed() < Duration::from_secs(interval * 2) {
+    while seen < distinct && boundary.elapsed() < Duration::from_secs(interval * 2) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let t = Instant::now();
         let s = cl
@@ -205,16 +215,75 @@ async fn main() {
         seen = s.targets.len();
     }
     let all_in = boundary.elapsed();
-    assert_eq!(seen, n, "every target checked within the slot");
+    assert_eq!(seen, distinct, "every target checked within the slot");
     lines.push(Line {
         what: format!("scheduled sweep in `serve`, {interval} s slot, {c} at most in flight"),
         checks: seen,
         wall: all_in,
         rss_kib: peak_rss_kib(served.child.id()).ok().flatten(),
         note: format!(
-            "spread over the slot by design (checks/s = N / slot); FleetStatus over {n} targets: {status_ms:.0} ms"
+            "spread over the slot by design (checks/s = N / slot); FleetStatus over {seen} targets: {status_ms:.0} ms{}",
+            if distinct < n { format!(" ({} rows share a port reused after a refused target's)", n - distinct) } else { String::new() }
         ),
     });
     drop(served);
     print(&lines);
+
+    // 4. What the in-memory history costs: a day of this fleet swept every 15 minutes.
+    let day = n * 96;
+    let mut file = cfg.clone();
+    file.history.max_entries = day;
+    let checker =
+        rdp_preflight::check::Checker::new(std::sync::Arc::new(file.validate().expect("valid"))).expect("checker");
+    let t1 = fleet.addr("t1").expect("target");
+    let report = checker
+        .check(rdp_preflight::check::CheckInput {
+            request_id: "entry".into(),
+            host: "127.0.0.1".into(),
+            port: t1.port(),
+            expected_name: "t1".into(),
+            requested: rdp_preflight::probe::x224::protocol::SSL | rdp_preflight::probe::x224::protocol::HYBRID,
+            minimum: None,
+            expected_computer: String::new(),
+            credential: None,
+            requester_user: "bench".into(),
+            requester_source: "bench".into(),
+            budget: Duration::from_secs(10),
+        })
+        .await;
+    let entry = Entry::new(&report, "127.0.0.1", t1.port(), None, Source::Sweep);
+    let json = serde_json::to_string(&entry).expect("json").len();
+    let rss = || vm_rss_kib().unwrap_or(0);
+    let before = rss();
+    let h = MemoryHistory::new(file.history.validate().expect("valid"));
+    let now = rdp_preflight::history::now_ms();
+    for i in 0..day {
+        let mut e = entry.clone();
+        e.at_ms = now - i64::try_from(day - i).expect("i") * 450;
+        e.check_id = format!("{:026}", i);
+        e.target = format!("127.0.0.1:{}", 20_000 + i % n);
+        h.record(e).await.expect("kept");
+    }
+    let after = rss();
+    let t = Instant::now();
+    let all = h.since(now - 86_400_000).await.expect("read");
+    let states = rdp_preflight::history::trend::states(&all, now, 86_400_000, 4);
+    println!(
+        "in-memory history: {} entries ({n} targets × 96 a day): +{:.1} MiB resident ({:.0} B per entry; its JSON {json} B); \
+         reading the window and computing {} states: {:.0} ms",
+        h.len(),
+        (after.saturating_sub(before)) as f64 / 1024.0,
+        (after.saturating_sub(before)) as f64 * 1024.0 / h.len() as f64,
+        states.len(),
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+}
+
+/// VmRSS (current resident set) of this process, KiB.
+fn vm_rss_kib() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
