@@ -669,12 +669,17 @@ async fn two_replicas_sweep_once_per_interval_and_share_the_history() {
                 expected_name: "ok".into(),
                 ..Default::default()
             }),
+            credential: Some(pb::Credential {
+                username: "gw-user".into(),
+                domain: "EXAMPLE".into(),
+                password: "Canary-Sweep-Pw-4711".into(),
+            }),
             ..Default::default()
         })
         .await
         .expect("answered")
         .into_inner();
-    assert_eq!(report.verdict(), pb::Verdict::Allow);
+    assert_ne!(report.verdict(), pb::Verdict::Unspecified);
     tokio::time::sleep(Duration::from_millis(5500)).await;
 
     let history = |c: &mut pb::preflight_client::PreflightClient<tonic::transport::Channel>, name: &str| {
@@ -705,11 +710,16 @@ async fn two_replicas_sweep_once_per_interval_and_share_the_history() {
         );
     }
     let ok = history(&mut cb, "ok").await;
-    assert!(
-        ok.iter()
-            .any(|e| e.source == "gateway" && e.check_id == report.check_id),
-        "replica b sees replica a's gateway check"
-    );
+    let gw = ok
+        .iter()
+        .find(|e| e.source == "gateway" && e.check_id == report.check_id)
+        .expect("replica b sees replica a's gateway check");
+    // The account as the audit record names it; the password nowhere.
+    assert_eq!(gw.account, "EXAMPLE\\gw-user");
+    assert!(!pg
+        .psql("SELECT entry::text FROM check_history")
+        .contains("Canary-Sweep-Pw"));
+    assert!(!format!("{ok:?}").contains("Canary-Sweep-Pw"));
     let status_a = ca
         .fleet_status(pb::FleetStatusRequest::default())
         .await
