@@ -364,6 +364,9 @@ pub struct NlaSpec {
     pub close_after_authenticate: bool,
     /// Accounts logons are checked against: the scenario's `[[account]]` tables.
     pub accounts: Vec<Account>,
+    /// Keys for Kerberos logons (SPNEGO with an AP-REQ); `None`: Kerberos offers are answered
+    /// with a request for NTLM.
+    pub keytab: Option<std::sync::Arc<crate::kerberos::Keytab>>,
 }
 
 /// NTSTATUS STATUS_LOGON_FAILURE.
@@ -396,6 +399,7 @@ impl NlaSpec {
             },
             close_after_authenticate: false,
             accounts: Vec::new(),
+            keytab: None,
         }
     }
 }
@@ -705,6 +709,7 @@ struct RawTarget {
     ntstatus: Option<u32>,
     skew_secs: Option<i64>,
     close_after_authenticate: Option<bool>,
+    keytab: Option<String>,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -822,6 +827,15 @@ impl RawTarget {
                 return Err(not_meaningful("close_after_authenticate"));
             }
             spec.nla.close_after_authenticate = close;
+        }
+        if let Some(path) = &self.keytab {
+            // nla_error with an NTLM refusal and a keytab: a target where only Kerberos works.
+            if !behavior.judges_logons() && behavior != Behavior::NlaError {
+                return Err(not_meaningful("keytab"));
+            }
+            let k = crate::kerberos::Keytab::read(std::path::Path::new(path))
+                .map_err(|e| format!("key \"keytab\": {e}"))?;
+            spec.nla.keytab = Some(std::sync::Arc::new(k));
         }
         Ok(spec)
     }

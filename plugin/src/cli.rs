@@ -185,6 +185,10 @@ struct CheckArgs {
     /// always, or off (overrides config).
     #[arg(long, value_name = "MODE")]
     nla_logon: Option<String>,
+    /// How the NLA logon authenticates: ntlm, kerberos (the service ticket, never NTLM) or
+    /// negotiate (overrides config).
+    #[arg(long, value_name = "MODE")]
+    nla_auth: Option<String>,
     /// Kerberos realm: prove the credential by AS exchange (overrides config).
     #[arg(long)]
     realm: Option<String>,
@@ -452,6 +456,9 @@ fn check(args: CheckArgs) -> ExitCode {
     }
     if let Some(m) = &args.nla_logon {
         file.nla.logon = m.clone();
+    }
+    if let Some(m) = &args.nla_auth {
+        file.nla.auth = m.clone();
     }
     if let Some(r) = &args.realm {
         file.kerberos.realm = Some(r.clone());

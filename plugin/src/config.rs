@@ -79,6 +79,11 @@ pub struct NlaFile {
     /// or `expected_computer` matched the challenge); `always`: log on to any target, even an
     /// unauthenticated one (the behaviour before 0.2); `off`: never log on (default `auto`).
     pub logon: String,
+    /// How the logon authenticates: `ntlm`; `kerberos` (a ticket for `TERMSRV/<host>` from the
+    /// `[kerberos]` check, no password attempt; never NTLM); `negotiate` (Kerberos when a ticket
+    /// was obtained, else NTLM, the fallback recorded with its reason). Empty (default):
+    /// `negotiate` when `[kerberos]` is configured, else `ntlm`.
+    pub auth: String,
     /// CLOCK_SKEW above this offset between the target's clock and ours (default 300 s).
     pub clock_tolerance_secs: u64,
     /// Stage limit (default 5000 ms).
@@ -95,6 +100,7 @@ impl Default for NlaFile {
         NlaFile {
             enabled: true,
             logon: "auto".into(),
+            auth: String::new(),
             clock_tolerance_secs: 300,
             timeout_ms: 5000,
             guard_window_secs: 900,
@@ -384,6 +390,8 @@ pub struct Config {
     pub nla_enabled: bool,
     /// When the NLA stage logs on.
     pub nla_logon: NlaLogon,
+    /// `nla.auth`, resolved.
+    pub nla_auth: NlaAuth,
     /// The domains' NetBIOS and DNS names (`directory.domains`).
     pub domains: crate::guard::identity::Domains,
     /// CLOCK_SKEW threshold.
@@ -672,6 +680,18 @@ impl FileConfig {
                     ))
                 }
             },
+            nla_auth: match (self.nla.auth.as_str(), self.kerberos.realm.is_some()) {
+                ("", true) | ("negotiate", true) => NlaAuth::Negotiate,
+                ("", false) | ("ntlm", _) => NlaAuth::Ntlm,
+                ("kerberos", true) => NlaAuth::Kerberos,
+                ("kerberos" | "negotiate", false) => return Err(err("nla.auth", "Kerberos needs [kerberos] realm")),
+                (other, _) => {
+                    return Err(err(
+                        "nla.auth",
+                        format!("{other:?}: use \"ntlm\", \"kerberos\" or \"negotiate\""),
+                    ))
+                }
+            },
             domains: self.directory.domains().map_err(ConfigError)?,
             nla_clock_tolerance: Duration::from_secs(self.nla.clock_tolerance_secs),
             nla_timeout: ms("nla.timeout_ms", self.nla.timeout_ms)?,
@@ -702,6 +722,17 @@ pub enum NlaLogon {
     Always,
     /// Never: the challenge only.
     Off,
+}
+
+/// How the NLA logon authenticates (`nla.auth`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NlaAuth {
+    /// NTLMv2 (spends a password attempt, under the lockout guard).
+    Ntlm,
+    /// Kerberos with the service ticket only; no ticket, no logon.
+    Kerberos,
+    /// Kerberos when a ticket was obtained, else NTLM (recorded as a fallback).
+    Negotiate,
 }
 
 /// Parses a protocol name (`rdp`, `ssl`/`tls`, `hybrid`/`nla`, `rdstls`, `hybrid_ex`, `rdsaad`).

@@ -497,6 +497,9 @@ pub fn to_proto(r: &Report) -> pb::CheckReport {
             clock_offset_millis: r.nla.clock_offset_millis,
             logon: r.nla.logon.clone(),
             ntstatus: r.nla.ntstatus,
+            auth: r.nla.auth.clone(),
+            service_principal: r.nla.service_principal.clone(),
+            auth_fallback: r.nla.auth_fallback.clone(),
         }),
         plugin_version: env!("CARGO_PKG_VERSION").to_owned(),
     }

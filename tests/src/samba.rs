@@ -152,6 +152,18 @@ impl Samba {
         self.tool(&["user", "create", name, password]);
     }
 
+    /// Adds `attribute: value` to an object (`samba-tool <kind> edit NAME`, kind `user` or
+    /// `computer`, with an editor that puts the line into the LDIF it is given).
+    pub fn add_attribute(&self, kind: &str, name: &str, attribute: &str, value: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let script = self.dir.path().join("append-editor.sh");
+        // After the dn line: the LDIF ends with a blank line that would start a new record.
+        let body = format!("#!/bin/sh\nsed -i '1a {attribute}: {value}' \"$1\"\n");
+        std::fs::write(&script, body).expect("editor script");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        self.tool(&[kind, "edit", name, &format!("--editor={}", script.display())]);
+    }
+
     /// The user's badPwdCount and whether it is locked out (lockoutTime set).
     pub fn bad_pwd(&self, name: &str) -> (u32, bool) {
         let out = self.tool(&["user", "show", name, "--attributes=badPwdCount,lockoutTime"]);

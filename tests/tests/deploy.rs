@@ -1191,6 +1191,7 @@ fn sample(key: &str, pem: &str, secret: &str, tmp: &Path) -> (String, Vec<(&'sta
             vec![("kerberos.kdcs", "dc1.example.test:88".into())],
         ),
         "admin.listen" => ("127.0.0.1:9464".into(), vec![]),
+        "nla.auth" => ("ntlm".into(), vec![]),
         other => panic!("tests/tests/deploy.rs: add a sample value for {other} to sample()"),
     }
 }

@@ -119,6 +119,10 @@ async fn as_exchange_against_samba() {
         "--must-change-at-next-login",
     ]);
     s.tool(&["computer", "create", "rdp01"]);
+    // A joined computer has a password (keys) and is enabled; without keys the KDC answers the
+    // TGS-REQ with KDC_ERR_ETYPE_NOSUPP (14).
+    s.tool(&["user", "setpassword", "rdp01$", "--newpassword=Machine-Pass-1!x"]);
+    s.tool(&["user", "enable", "rdp01$"]);
     s.tool(&["spn", "add", "TERMSRV/rdp01.example.test", "rdp01$"]);
     s.user("expired", "Expired-Pass-1!");
     s.tool(&["user", "setexpiry", "expired", "--days=0"]);
@@ -163,6 +167,12 @@ async fn as_exchange_against_samba() {
         )
         .await;
     assert!(o.bind_succeeded && spn(&o).is_none(), "{o:?}\n{}", s.log());
+    // The KDC issued the service ticket (the NLA stage logs on with it).
+    let t = o
+        .service_ticket
+        .as_ref()
+        .unwrap_or_else(|| panic!("no service ticket: {o:?}"));
+    assert_eq!(t.principal, "TERMSRV/rdp01.example.test@EXAMPLE.TEST");
     for (host, ip) in [("192.0.2.10", true), ("alias.example.test", false)] {
         let o = c
             .check(&cred("good", "EXAMPLE", "Good-Pass-1!"), Some(host), &budget())

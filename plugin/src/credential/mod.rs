@@ -55,6 +55,9 @@ pub struct CredentialOutcome {
     /// Our own side failed (an encoder or crypto library error): the check answers an internal
     /// error, never a credential cause.
     pub internal: Option<String>,
+    /// The ticket for `TERMSRV/<host>` when the Kerberos check obtained one: the NLA stage logs
+    /// on with it (no password attempt) instead of NTLM.
+    pub service_ticket: Option<Arc<crate::kerberos::messages::ServiceTicket>>,
 }
 
 struct PooledConn {
@@ -202,6 +205,7 @@ impl Ctx {
             detail,
             account: self.account,
             internal: None,
+            service_ticket: None,
         }
     }
 
@@ -240,6 +244,7 @@ impl Ctx {
                     detail,
                     account: self.account,
                     internal: None,
+                    service_ticket: None,
                 }
             }
         }
@@ -922,6 +927,7 @@ fn judge(ctx: Ctx, rc: u32, text: &str, data: Option<&str>, pp: PpolicyResponse)
             detail,
             account: ctx.account,
             internal: None,
+            service_ticket: None,
         };
         return (outcome, guard);
     }

@@ -38,6 +38,16 @@ use crate::{
 };
 use messages::{AsAnswer, AsReqInput, KdcError};
 
+/// What the TERMSRV check found.
+enum Spn {
+    /// The KDC issued the service ticket: Kerberos to this name works.
+    Ticket(Arc<messages::ServiceTicket>),
+    /// KDC_ERR_S_PRINCIPAL_UNKNOWN: TARGET_SPN_MISSING.
+    Missing(Finding),
+    /// Not known (no answer, another error): said in the stage's detail.
+    Unknown(String),
+}
+
 /// `[kerberos]`, as written in the config file.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -263,7 +273,7 @@ impl KerberosChecker {
         host: &str,
         kdc: &(String, u16),
         budget: &Budget,
-    ) -> Option<Finding> {
+    ) -> Spn {
         let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
         let principal = format!("TERMSRV/{host}@{}", self.cfg.realm);
         let (t, us) = now();
@@ -281,14 +291,14 @@ impl KerberosChecker {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "TERMSRV check not made");
-                return None;
+                return Spn::Unknown(format!("TGS-REQ not built: {e}"));
             }
         };
-        let answer = match self.exchange(kdc, &msg, budget).await {
-            Ok(b) => messages::read_tgs_answer(&b),
+        let (answer, bytes) = match self.exchange(kdc, &msg, budget).await {
+            Ok(b) => (messages::read_tgs_answer(&b), b),
             Err(_) => {
                 tracing::warn!(kdc = %kdc.0, "TERMSRV check: no answer from the KDC");
-                return None;
+                return Spn::Unknown(format!("no answer from the KDC {} to the TGS-REQ", kdc.0));
             }
         };
         match answer {
@@ -300,7 +310,7 @@ impl KerberosChecker {
                 if ip {
                     msg.push_str("; the gateway dials an IP address: dial the DNS name registered in AD instead");
                 }
-                Some(
+                Spn::Missing(
                     Finding::new(Cause::TargetSpnMissing, msg)
                         .at(crate::cause::Stage::Nla)
                         .with("principal", &principal)
@@ -310,12 +320,25 @@ impl KerberosChecker {
             }
             Ok(Some(e)) => {
                 tracing::info!(code = e.code, principal = %principal, "TERMSRV check: the KDC answered an error");
-                None
+                Spn::Unknown(format!("the KDC answered the TGS-REQ with error {}", e.code))
             }
-            Ok(None) => None,
+            Ok(None) => match messages::read_tgs_rep(&bytes, tgt) {
+                Ok((ticket, key, etype)) => Spn::Ticket(Arc::new(messages::ServiceTicket {
+                    ticket,
+                    session_key: zeroize::Zeroizing::new(key),
+                    etype,
+                    realm: input.realm.to_owned(),
+                    user: input.user.to_owned(),
+                    principal,
+                })),
+                Err(e) => {
+                    tracing::warn!(error = %e, "TERMSRV check: TGS-REP not readable");
+                    Spn::Unknown(format!("TGS-REP not readable: {e}"))
+                }
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "TERMSRV check: unreadable answer");
-                None
+                Spn::Unknown(format!("unreadable answer to the TGS-REQ: {e}"))
             }
         }
     }
@@ -371,6 +394,7 @@ impl KerberosChecker {
                 detail,
                 account,
                 internal: None,
+                service_ticket: None,
             }
         };
         // Our own encoder or crypto failed: an internal error, never a credential cause.
@@ -382,6 +406,7 @@ impl KerberosChecker {
             detail: format!("internal error: {e}"),
             account,
             internal: Some(format!("Kerberos: {e}")),
+            service_ticket: None,
         };
         if user.is_empty() || cred.password.is_empty() {
             return failed(
@@ -511,6 +536,7 @@ impl KerberosChecker {
                     bind_succeeded: usable,
                     account: Some(account),
                     internal: None,
+                    service_ticket: None,
                 };
             }
         };
@@ -566,6 +592,8 @@ impl KerberosChecker {
             match answer {
                 Ok(AsAnswer::Rep) => {
                     let mut findings: Vec<Finding> = skew.into_iter().collect();
+                    let mut service_ticket = None;
+                    let mut facts_note = None;
                     ticket
                         .finish(Outcome::Proven {
                             findings: findings.clone(),
@@ -578,21 +606,31 @@ impl KerberosChecker {
                                 findings.push(f);
                             }
                             if let (Some(host), true) = (spn_host, self.cfg.spn_check) {
-                                if let Some(f) = self.spn(&tgt, &input, host, &kdc, budget).await {
-                                    findings.push(f);
+                                match self.spn(&tgt, &input, host, &kdc, budget).await {
+                                    Spn::Ticket(t) => service_ticket = Some(t),
+                                    Spn::Missing(f) => findings.push(f),
+                                    Spn::Unknown(why) => facts_note = Some(why),
                                 }
                             }
                         }
                         Err(e) => tracing::warn!(error = %e, "AS-REP not readable: no expiry or TERMSRV check"),
                     }
+                    let mut detail = format!("AS exchange succeeded for {}", facts.bind_identity);
+                    if let Some(t) = &service_ticket {
+                        detail.push_str(&format!("; service ticket for {}", t.principal));
+                    }
+                    if let Some(why) = facts_note {
+                        detail.push_str(&format!("; TERMSRV not checked: {why}"));
+                    }
                     return CredentialOutcome {
                         status: StageStatus::Ok,
-                        detail: format!("AS exchange succeeded for {}", facts.bind_identity),
+                        detail,
                         findings,
                         facts,
                         bind_succeeded: true,
                         account: Some(account),
                         internal: None,
+                        service_ticket,
                     };
                 }
                 Ok(AsAnswer::Error(e)) if e.code == 37 && round == 0 => {
