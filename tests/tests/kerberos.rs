@@ -126,6 +126,9 @@ async fn as_exchange_against_samba() {
     s.tool(&["spn", "add", "TERMSRV/rdp01.example.test", "rdp01$"]);
     s.user("expired", "Expired-Pass-1!");
     s.tool(&["user", "setexpiry", "expired", "--days=0"]);
+    // logonHours: 21 bytes, one bit per hour of the week; all zero: never.
+    s.user("nightshift", "Night-Pass-1!");
+    s.add_attribute("user", "nightshift", "logonHours:", "AAAAAAAAAAAAAAAAAAAAAAAAAAAA");
     let c = Arc::new(checker(vec![s.kdc()]));
 
     let o = c.check(&cred("good", "EXAMPLE", "Good-Pass-1!"), None, &budget()).await;
@@ -226,6 +229,13 @@ async fn as_exchange_against_samba() {
         .check(&cred("expired", "EXAMPLE", "Expired-Pass-1!"), None, &budget())
         .await;
     assert_eq!(cause(&o), Cause::CredAccountExpired, "{o:?}");
+
+    // Outside the logon hours (18 + 0xC000006F).
+    let o = c
+        .check(&cred("nightshift", "EXAMPLE", "Night-Pass-1!"), None, &budget())
+        .await;
+    assert_eq!(cause(&o), Cause::CredLogonHours, "{o:?}\n{}", s.log());
+    assert_eq!(evidence(&o, "ntstatus"), Some("0xC000006F"));
 
     // Locked by someone else's three bad passwords: then right and wrong passwords both get 18.
     for i in 0..3 {
