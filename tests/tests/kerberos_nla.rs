@@ -13,9 +13,14 @@ const PW: &str = "Good-Pass-1!";
 /// `rdp-preflight check --json` as `good` towards `localhost:port` (the certificate checked
 /// against `name`), with the Kerberos flags and `extra`.
 fn check(harness: &Harness, name: &str, password: &str, extra: &[&str]) -> serde_json::Value {
+    check_host(harness, "localhost", name, password, extra)
+}
+
+/// The same, dialling `host`.
+fn check_host(harness: &Harness, host: &str, name: &str, password: &str, extra: &[&str]) -> serde_json::Value {
     let addr = harness.env.fleet.addr(name).unwrap_or_else(|| panic!("target {name}"));
     let out = Command::new(plugin_bin())
-        .args(["check", "--host", "localhost", "--port", &addr.port().to_string()])
+        .args(["check", "--host", host, "--port", &addr.port().to_string()])
         .args([
             "--expected-name",
             name,
@@ -158,28 +163,8 @@ keytab = "{rdp01}"
 
     // Dialled by IP address there is no TERMSRV principal: with negotiate (the default) the
     // logon falls back to NTLM and says why; with kerberos it is not made at all.
-    let addr = fleet.addr("krb-ok").expect("krb-ok");
-    let by_ip = |extra: &[&str]| {
-        let out = Command::new(plugin_bin())
-            .args(["check", "--host", "127.0.0.1", "--port", &addr.port().to_string()])
-            .args([
-                "--expected-name",
-                "krb-ok",
-                "--allow-loopback",
-                "--pin-store",
-                "memory",
-                "--trust-anchor",
-            ])
-            .arg(harness.files.path().join("fleet-ca.pem"))
-            .args(["--user", "good", "--domain", "EXAMPLE", "--password-env", "KRB_NLA_PW"])
-            .args(["--realm", "EXAMPLE.TEST", "--kdc", "127.0.0.1:88", "--json"])
-            .args(extra)
-            .env("KRB_NLA_PW", PW)
-            .output()
-            .expect("run");
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
-    };
-    let v = tokio::task::block_in_place(|| by_ip(&[]));
+    let by_ip = |extra: &[&str]| tokio::task::block_in_place(|| check_host(&harness, "127.0.0.1", "krb-ok", PW, extra));
+    let v = by_ip(&[]);
     assert!(causes(&v).contains(&"CAUSE_TARGET_SPN_MISSING".to_owned()), "{v:#}");
     assert_eq!(v["nla"]["auth"], "ntlm", "{v:#}");
     assert!(
@@ -189,7 +174,7 @@ keytab = "{rdp01}"
         "{v:#}"
     );
     let before = fleet.authenticates("krb-ok");
-    let v = tokio::task::block_in_place(|| by_ip(&["--nla-auth", "kerberos"]));
+    let v = by_ip(&["--nla-auth", "kerberos"]);
     assert_eq!(v["nla"]["logon"], "not_attempted", "{v:#}");
     assert!(
         v["nla"]["authFallback"]
