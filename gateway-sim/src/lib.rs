@@ -9,6 +9,7 @@ mod credssp;
 pub mod demo;
 pub mod directory;
 pub mod driver;
+pub mod kdc;
 pub mod kerberos;
 mod ntlm;
 pub mod scenario;

@@ -316,3 +316,72 @@ async fn kdcs_that_refuse_are_unreachable() {
         .await;
     assert!(o.internal.is_some() && o.findings.is_empty(), "{o:?}");
 }
+
+/// The simulated KDC answers as Windows does: disabled, locked and expired accounts are told
+/// before any password is spent (18 with KERB-EXT-ERROR), a wrong password is 24, a password
+/// that must change is 23 with 0xC0000224 after the right one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulated_kdc_tells_account_states_like_windows() {
+    use gateway_sim::{kdc::start_kdc, scenario::Account};
+    let account = |name: &str, state: &str| Account {
+        name: name.into(),
+        password: format!("{name}-Pass-1!"),
+        state: state.into(),
+        domain: None,
+    };
+    let accounts = [
+        account("good", "good"),
+        account("dave", "disabled"),
+        account("lou", "locked"),
+        account("mia", "must_change"),
+    ];
+    let kdc = start_kdc(&accounts, &["rdp01.simdom.test".into()]).await.expect("kdc");
+    let c = KerberosChecker::new(
+        KerberosFile {
+            realm: Some("SIMDOM.TEST".into()),
+            kdcs: vec![kdc.addr().to_string()],
+            timeout_ms: 3000,
+            ..Default::default()
+        }
+        .validate()
+        .expect("valid")
+        .expect("realm"),
+        Arc::new(Guard::memory(
+            Limits::new(Duration::from_secs(900), 1, Duration::ZERO),
+            1000,
+        )),
+        Domains::new([("SIMDOM", "simdom.test")]).expect("domains"),
+    );
+    let o = c
+        .check(
+            &cred("good", "SIMDOM", "good-Pass-1!"),
+            Some("rdp01.simdom.test"),
+            &budget(),
+        )
+        .await;
+    assert!(o.bind_succeeded, "{o:?}");
+    assert!(o.service_ticket.is_some(), "{o:?}");
+    assert_eq!(kdc.password_attempts(), 1);
+    let o = c
+        .check(&cred("good", "SIMDOM", "good-Pass-1!"), Some("10.0.0.5"), &budget())
+        .await;
+    assert!(o_has(&o, Cause::TargetSpnMissing), "{o:?}");
+    let o = c.check(&cred("good", "SIMDOM", "Wrong-1!"), None, &budget()).await;
+    assert_eq!(cause(&o), Cause::CredInvalid, "{o:?}");
+    assert_eq!(evidence(&o, "krb_error"), Some("24"));
+    let spent = kdc.password_attempts();
+    for (user, want, status) in [
+        ("dave", Cause::CredAccountDisabled, "0xC0000072"),
+        ("lou", Cause::CredAccountLocked, "0xC0000234"),
+    ] {
+        let o = c
+            .check(&cred(user, "SIMDOM", &format!("{user}-Pass-1!")), None, &budget())
+            .await;
+        assert_eq!(cause(&o), want, "{o:?}");
+        assert_eq!(evidence(&o, "ntstatus"), Some(status), "{o:?}");
+    }
+    assert_eq!(kdc.password_attempts(), spent, "told before any password was sent");
+    let o = c.check(&cred("mia", "SIMDOM", "mia-Pass-1!"), None, &budget()).await;
+    assert_eq!(cause(&o), Cause::CredPasswordMustChange, "{o:?}");
+    assert_eq!(evidence(&o, "ntstatus"), Some("0xC0000224"));
+}
