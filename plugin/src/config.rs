@@ -473,7 +473,8 @@ impl FileConfig {
                 .with_list_parse_key("policy.allow_dns_suffixes")
                 .with_list_parse_key("policy.allow_ports")
                 .with_list_parse_key("directory.servers")
-                .with_list_parse_key("kerberos.kdcs"),
+                .with_list_parse_key("kerberos.kdcs")
+                .with_list_parse_key("kerberos.dns_servers"),
         );
         let merged = b.build().map_err(|e| ConfigError(e.to_string()))?;
         merged

@@ -1192,6 +1192,7 @@ fn sample(key: &str, pem: &str, secret: &str, tmp: &Path) -> (String, Vec<(&'sta
         ),
         "admin.listen" => ("127.0.0.1:9464".into(), vec![]),
         "nla.auth" => ("ntlm".into(), vec![]),
+        "kerberos.dns_servers" => ("127.0.0.1:53".into(), vec![("kerberos.realm", "EXAMPLE.TEST".into())]),
         other => panic!("tests/tests/deploy.rs: add a sample value for {other} to sample()"),
     }
 }

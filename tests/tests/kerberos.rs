@@ -385,3 +385,49 @@ async fn the_simulated_kdc_tells_account_states_like_windows() {
     assert_eq!(cause(&o), Cause::CredPasswordMustChange, "{o:?}");
     assert_eq!(evidence(&o, "ntstatus"), Some("0xC0000224"));
 }
+
+/// With `kerberos.kdcs` empty, the KDCs are the SRV records of `_kerberos._tcp.<realm>`, asked
+/// of Samba's own DNS server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kdcs_found_through_dns_srv() {
+    let s = tokio::task::block_in_place(Samba::start_with_dns);
+    s.user("good", "Good-Pass-1!");
+    let checker = |dns: &str| {
+        KerberosChecker::new(
+            KerberosFile {
+                realm: Some("example.test".into()),
+                dns_servers: vec![dns.into()],
+                timeout_ms: 3000,
+                ..Default::default()
+            }
+            .validate()
+            .expect("valid")
+            .expect("realm"),
+            Arc::new(Guard::memory(
+                Limits::new(Duration::from_secs(900), 1, Duration::ZERO),
+                1000,
+            )),
+            Domains::new([("EXAMPLE", "example.test")]).expect("domains"),
+        )
+    };
+    let c = checker("127.0.0.1:53");
+    let o = c.check(&cred("good", "EXAMPLE", "Good-Pass-1!"), None, &budget()).await;
+    assert!(o.bind_succeeded, "{o:?}\n{}", s.log());
+    assert_eq!(o.facts.directory_server, "127.0.0.1:88", "{o:?}");
+    // Asked again: from the kept answer (the same KDC).
+    let o = c
+        .check(&cred("good", "EXAMPLE", "Wrong-Pass-1!"), None, &budget())
+        .await;
+    assert_eq!(cause(&o), Cause::CredInvalid, "{o:?}");
+    // A DNS server that does not answer: DIRECTORY_UNREACHABLE naming DNS, no password sent.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let o = checker(&silent.local_addr().expect("addr").to_string())
+        .check(&cred("good", "EXAMPLE", "Good-Pass-1!"), None, &budget())
+        .await;
+    assert_eq!(cause(&o), Cause::DirectoryUnreachable, "{o:?}");
+    assert!(o.findings[0].message.contains("DNS"), "{o:?}");
+    assert!(
+        o.account.is_some() && o.facts.directory_server.is_empty(),
+        "no KDC was asked: {o:?}"
+    );
+}

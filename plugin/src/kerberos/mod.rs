@@ -16,8 +16,9 @@
 //!    (TGS-REQ): KDC_ERR_S_PRINCIPAL_UNKNOWN (7) is TARGET_SPN_MISSING.
 //!
 //! KDCs are tried in order over TCP; the next only when one cannot be reached, never after an
-//! answer. Every read and write runs under the check's budget and `kerberos.timeout_ms`.
+//! answer. Without `kdcs`, they are the realm's SRV records ([`dns`]). Every read and write runs under the check's budget and `kerberos.timeout_ms`.
 
+pub mod dns;
 pub mod messages;
 
 use std::{sync::Arc, time::Duration};
@@ -54,8 +55,12 @@ enum Spn {
 pub struct KerberosFile {
     /// The realm (`EXAMPLE.TEST`); set, the credential is proven by an AS exchange.
     pub realm: Option<String>,
-    /// KDCs as `host:port` (port 88 by default), tried in order.
+    /// KDCs as `host:port` (port 88 by default), tried in order; empty: the SRV records of
+    /// `_kerberos._tcp.<realm>`.
     pub kdcs: Vec<String>,
+    /// DNS servers (`ip:port`) asked for those SRV records; empty: the `nameserver` lines of
+    /// `/etc/resolv.conf`.
+    pub dns_servers: Vec<String>,
     /// Limit for each exchange with a KDC (default 3000 ms).
     pub timeout_ms: u64,
     /// Prove the credential by AS exchange (default true).
@@ -73,6 +78,7 @@ impl Default for KerberosFile {
         KerberosFile {
             realm: None,
             kdcs: Vec::new(),
+            dns_servers: Vec::new(),
             timeout_ms: 3000,
             credential_check: true,
             spn_check: true,
@@ -86,8 +92,10 @@ impl Default for KerberosFile {
 pub struct KerberosConfig {
     /// Upper case.
     pub realm: String,
-    /// (host, port).
+    /// (host, port); empty: found through DNS SRV.
     pub kdcs: Vec<(String, u16)>,
+    /// DNS servers for the SRV lookup (when `kdcs` is empty).
+    pub dns_servers: Vec<String>,
     /// Per exchange.
     pub timeout: Duration,
     /// Prove the credential by AS exchange.
@@ -106,13 +114,6 @@ impl KerberosFile {
         };
         if !realm.is_ascii() || realm.contains(['/', '@', ' ']) {
             return Err(format!("kerberos.realm: {realm:?} is not a realm name"));
-        }
-        if self.kdcs.is_empty() {
-            return Err(
-                "kerberos.kdcs: required (finding the KDCs through DNS SRV records is not supported): \
-                 list them as [\"dc1.example.test:88\"]"
-                    .into(),
-            );
         }
         let mut kdcs = Vec::new();
         for (i, k) in self.kdcs.iter().enumerate() {
@@ -142,9 +143,29 @@ impl KerberosFile {
         if self.timeout_ms == 0 {
             return Err("kerberos.timeout_ms: must be > 0".into());
         }
+        let mut dns_servers = Vec::new();
+        for (i, s) in self.dns_servers.iter().enumerate() {
+            let s = s.trim();
+            let ok = s.parse::<std::net::SocketAddr>().is_ok();
+            if !ok {
+                return Err(format!("kerberos.dns_servers[{i}]: {s:?} is not ip:port"));
+            }
+            dns_servers.push(s.to_owned());
+        }
+        if kdcs.is_empty() && dns_servers.is_empty() {
+            dns_servers = dns::nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+            if dns_servers.is_empty() {
+                return Err(
+                    "kerberos.kdcs: empty and /etc/resolv.conf names no DNS server for the SRV lookup: \
+                     list the KDCs, or set kerberos.dns_servers"
+                        .into(),
+                );
+            }
+        }
         Ok(Some(KerberosConfig {
             realm: realm.to_ascii_uppercase(),
             kdcs,
+            dns_servers,
             timeout: Duration::from_millis(self.timeout_ms),
             credential_check: self.credential_check,
             spn_check: self.spn_check,
@@ -165,7 +186,12 @@ pub struct KerberosChecker {
     cfg: KerberosConfig,
     guard: Arc<Guard>,
     domains: Domains,
+    /// KDCs found through DNS, and until when they may be used.
+    discovered: std::sync::Mutex<Option<Discovered>>,
 }
+
+/// KDCs from DNS and the instant they expire.
+type Discovered = (std::time::Instant, Vec<(String, u16)>);
 
 impl std::fmt::Debug for KerberosChecker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -233,7 +259,45 @@ fn cause_of(e: &KdcError) -> (Cause, &'static str, bool) {
 impl KerberosChecker {
     /// A checker spending attempts through `guard`.
     pub fn new(cfg: KerberosConfig, guard: Arc<Guard>, domains: Domains) -> Self {
-        KerberosChecker { cfg, guard, domains }
+        KerberosChecker {
+            cfg,
+            guard,
+            domains,
+            discovered: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The KDCs to try: the configured ones, else those of the realm's SRV records (kept for
+    /// their TTL, at least a minute and at most an hour).
+    async fn kdcs(&self, budget: &Budget) -> Result<Vec<(String, u16)>, String> {
+        if !self.cfg.kdcs.is_empty() {
+            return Ok(self.cfg.kdcs.clone());
+        }
+        let now = std::time::Instant::now();
+        if let Ok(g) = self.discovered.lock() {
+            if let Some((_, kdcs)) = g.as_ref().filter(|(until, _)| *until > now) {
+                return Ok(kdcs.clone());
+            }
+        }
+        let found = budget
+            .run(
+                self.cfg.timeout,
+                dns::lookup(&self.cfg.realm, &self.cfg.dns_servers, self.cfg.timeout),
+            )
+            .await
+            .map_err(|_| "the DNS lookup of the KDCs ran out of time".to_owned())??;
+        let (kdcs, ttl) = found;
+        if kdcs.is_empty() {
+            return Err(format!(
+                "_kerberos._tcp.{} has no SRV records",
+                self.cfg.realm.to_ascii_lowercase()
+            ));
+        }
+        let keep = Duration::from_secs(u64::from(ttl).clamp(60, 3600));
+        if let Ok(mut g) = self.discovered.lock() {
+            *g = Some((now + keep, kdcs.clone()));
+        }
+        Ok(kdcs)
     }
 
     /// The config.
@@ -436,9 +500,20 @@ impl KerberosChecker {
             Err(e) => return internal(facts, e, Some(account)),
         };
         // Step 1: the salt (no password sent), KDCs in order.
+        let kdcs = match self.kdcs(budget).await {
+            Ok(k) => k,
+            Err(e) => {
+                return failed(
+                    facts,
+                    Finding::new(Cause::DirectoryUnreachable, format!("no KDC found through DNS: {e}"))
+                        .with("dns_servers", self.cfg.dns_servers.join(",")),
+                    Some(account),
+                )
+            }
+        };
         let mut errors = Vec::new();
         let mut answer = None;
-        for kdc in &self.cfg.kdcs {
+        for kdc in &kdcs {
             match self.exchange(kdc, &first, budget).await {
                 Ok(b) => {
                     answer = Some((kdc.clone(), b));
