@@ -33,7 +33,7 @@ pub struct InternalError {
 pub struct Checker {
     cfg: Arc<Config>,
     prober: Prober,
-    credential: Option<CredentialChecker>,
+    credential: Option<Arc<CredentialChecker>>,
     /// The AS exchange, when `[kerberos]` is configured (it then proves the credential).
     kerberos: Option<crate::kerberos::KerberosChecker>,
     /// The one lockout guard: LDAP binds and NLA logons spend one budget per account.
@@ -81,12 +81,11 @@ impl Checker {
         let credential = cfg
             .directory
             .clone()
-            .map(|d| CredentialChecker::new(d, guard.clone(), cfg.domains.clone()));
-        let kerberos = cfg
-            .kerberos
-            .clone()
-            .filter(|k| k.credential_check)
-            .map(|k| crate::kerberos::KerberosChecker::new(k, guard.clone(), cfg.domains.clone()));
+            .map(|d| Arc::new(CredentialChecker::new(d, guard.clone(), cfg.domains.clone())));
+        let kerberos = cfg.kerberos.clone().filter(|k| k.credential_check).map(|k| {
+            crate::kerberos::KerberosChecker::new(k, guard.clone(), cfg.domains.clone())
+                .with_directory(credential.clone())
+        });
         Ok(Checker {
             cfg,
             prober,

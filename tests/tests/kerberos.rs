@@ -431,3 +431,84 @@ async fn kdcs_found_through_dns_srv() {
         "no KDC was asked: {o:?}"
     );
 }
+
+/// With a directory configured with `read_lockout_state`, the Kerberos check reads the account's
+/// badPwdCount and its PSO's threshold through LDAPS before the pre-authenticated request,
+/// exactly as before a bind: someone else's failures bring `pat` (PSO threshold 3) to the brink,
+/// and the next check refuses rather than lock it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kerberos_reads_the_lockout_state_first() {
+    use rdp_preflight::credential::{CredentialChecker, DirectoryFile};
+    let s = tokio::task::block_in_place(Samba::start);
+    s.user("pat", "Pat-Pass-1!");
+    s.tool(&[
+        "domain",
+        "passwordsettings",
+        "pso",
+        "create",
+        "lowlock",
+        "1",
+        "--account-lockout-threshold=3",
+        "--account-lockout-duration=10",
+        "--reset-account-lockout-after=10",
+    ]);
+    s.tool(&["domain", "passwordsettings", "pso", "apply", "lowlock", "pat"]);
+    // Two failures from elsewhere (a checker of its own, no directory).
+    for i in 0..2 {
+        let o = checker(vec![s.kdc()])
+            .check(&cred("pat", "EXAMPLE", &format!("Elsewhere-{i}!")), None, &budget())
+            .await;
+        assert_eq!(cause(&o), Cause::CredInvalid, "{o:?}");
+    }
+    assert_eq!(s.bad_pwd("pat"), (2, false));
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pw = tmp.path().join("svc.pw");
+    std::fs::write(&pw, format!("{}\n", integration_tests::samba::ADMIN_PW)).expect("write");
+    let guard = Arc::new(Guard::memory(
+        Limits::new(Duration::from_secs(900), 1, Duration::ZERO),
+        1000,
+    ));
+    let domains = Domains::new([("EXAMPLE", "example.test")]).expect("domains");
+    let ldap = Arc::new(CredentialChecker::new(
+        DirectoryFile {
+            servers: vec![s.ldaps_url()],
+            ca_file: Some(s.ca_file()),
+            bind_as: "upn".into(),
+            service_dn: Some("CN=Administrator,CN=Users,DC=example,DC=test".into()),
+            service_password_file: Some(pw),
+            search_base: Some("DC=example,DC=test".into()),
+            read_lockout_state: true,
+            ..Default::default()
+        }
+        .validate()
+        .expect("valid")
+        .expect("servers"),
+        guard.clone(),
+        domains.clone(),
+    ));
+    let c = KerberosChecker::new(
+        KerberosFile {
+            realm: Some("EXAMPLE.TEST".into()),
+            kdcs: vec![s.kdc()],
+            timeout_ms: 3000,
+            ..Default::default()
+        }
+        .validate()
+        .expect("valid")
+        .expect("realm"),
+        guard,
+        domains,
+    )
+    .with_directory(Some(ldap));
+    // One more failure would lock: refused before any password is sent, right or wrong.
+    for pw in ["Stale-9!", "Pat-Pass-1!"] {
+        let o = c.check(&cred("pat", "EXAMPLE", pw), None, &budget()).await;
+        assert_eq!(cause(&o), Cause::CredLockoutGuard, "{o:?}\n{}", s.log());
+        assert!(evidence(&o, "lockout_threshold") == Some("3"), "{o:?}");
+    }
+    assert_eq!(s.bad_pwd("pat"), (2, false), "nothing more was spent");
+    // A user far from the threshold passes the read and is proven by the AS exchange.
+    s.user("good", "Good-Pass-1!");
+    let o = c.check(&cred("good", "EXAMPLE", "Good-Pass-1!"), None, &budget()).await;
+    assert!(o.bind_succeeded, "{o:?}");
+}

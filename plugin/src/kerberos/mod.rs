@@ -188,6 +188,8 @@ pub struct KerberosChecker {
     domains: Domains,
     /// KDCs found through DNS, and until when they may be used.
     discovered: std::sync::Mutex<Option<Discovered>>,
+    /// The directory, for `read_lockout_state` before the pre-authenticated request.
+    ldap: Option<Arc<crate::credential::CredentialChecker>>,
 }
 
 /// KDCs from DNS and the instant they expire.
@@ -264,7 +266,15 @@ impl KerberosChecker {
             guard,
             domains,
             discovered: std::sync::Mutex::new(None),
+            ldap: None,
         }
+    }
+
+    /// Reads the account's lockout state through `ldap` (when its `read_lockout_state` is set)
+    /// before each pre-authenticated request, as before a bind.
+    pub fn with_directory(mut self, ldap: Option<Arc<crate::credential::CredentialChecker>>) -> Self {
+        self.ldap = ldap;
+        self
     }
 
     /// The KDCs to try: the configured ones, else those of the realm's SRV records (kept for
@@ -615,6 +625,14 @@ impl KerberosChecker {
                 };
             }
         };
+        // The directory's own count of failures, when it is to be read: under the reservation,
+        // so that attempts in flight count.
+        if let Some(ldap) = &self.ldap {
+            if let Err(f) = ldap.read_lockout_before(cred, account, budget).await {
+                ticket.finish(Outcome::NotSent).await;
+                return failed(facts, f, Some(account));
+            }
+        }
         let key = match messages::as_key(salt.0, cred.password.expose().as_bytes(), &salt.1) {
             Ok(k) => zeroize::Zeroizing::new(k),
             Err(e) => {
