@@ -4,8 +4,8 @@
 //!   rule links a runbook section that exists in `docs/operations.md`;
 //! - every metric the Grafana dashboard and the rules query is one the real plugin exports on
 //!   `/metrics` (the families of its `# TYPE` lines, histogram and summary suffixes included),
-//!   read from `rdp-preflight serve` with the shared store (a real PostgreSQL) and the audit log
-//!   configured, so that every family the plugin can export is there.
+//!   read from `rdp-preflight serve` with the shared store (a real PostgreSQL), the audit log and
+//!   the SIEM export configured, so that every family the plugin can export is there.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -214,6 +214,7 @@ async fn every_queried_metric_is_exported_by_the_plugin() {
     f.store.tls = "disable".into();
     f.store.hmac_key_file = Some(key);
     f.cert.pin_store = "memory".into();
+    f.siem.file = Some(tmp.path().join("events.jsonl"));
     let path = tmp.path().join("plugin.toml");
     std::fs::write(&path, toml::to_string(&f).expect("toml")).expect("config");
     let served = tokio::task::block_in_place(|| serve_binary(&path, &[]));
@@ -243,10 +244,9 @@ async fn every_queried_metric_is_exported_by_the_plugin() {
     let admin = admin_addr(&log).unwrap_or_else(|| panic!("admin address in the logs: {log}"));
     let text = scrape(&admin).await;
     let exported = exported_names(&text);
-    assert!(
-        exported.contains("rdp_preflight_store_up"),
-        "store families: {exported:?}"
-    );
+    for family in ["rdp_preflight_store_up", "rdp_preflight_siem_queue_depth"] {
+        assert!(exported.contains(family), "{family}: {exported:?}");
+    }
 
     let mut queried: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (name, expr, _) in rules() {
