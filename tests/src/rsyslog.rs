@@ -1,8 +1,9 @@
 //! A real rsyslog for a test: `rsyslogd -n` with a configuration in a temporary directory, a
 //! TLS listener (`imtcp` with the GnuTLS stream driver, mutual TLS: client certificates signed
-//! by the test CA are required) on a free loopback port, and everything received over it
+//! by the test CA are required) on a free loopback port, a UDP listener (`imudp`) and a Unix
+//! datagram socket (`imuxsock`, not the system's `/dev/log`), and everything received on them
 //! written raw (`%rawmsg%`, one message per line) to a file the test reads. Stopped with
-//! SIGTERM, restarted on the same port; killed on drop.
+//! SIGTERM, restarted on the same ports; killed on drop.
 //!
 //! Needs Debian's `rsyslog` and `rsyslog-gnutls` (`scripts/install-test-deps.sh` installs them).
 
@@ -24,6 +25,8 @@ pub struct Rsyslog {
     child: Option<Child>,
     /// The TLS listener's port on 127.0.0.1.
     pub port: u16,
+    /// The UDP listener's port on 127.0.0.1.
+    pub udp_port: u16,
 }
 
 /// PEM files of a test CA, a server certificate for `localhost` / 127.0.0.1 and a client
@@ -73,6 +76,10 @@ impl Rsyslog {
             .expect("tmp");
         Pki::write(dir.path());
         let port = crate::slapd::free_port();
+        let udp_port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .expect("free UDP port");
         let d = dir.path().display();
         let conf = format!(
             r#"global(
@@ -83,16 +90,25 @@ impl Rsyslog {
     defaultNetstreamDriverCertFile="{d}/server.pem"
     defaultNetstreamDriverKeyFile="{d}/server.key"
 )
-module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="x509/certvalid")
-input(type="imtcp" address="127.0.0.1" port="{port}" name="siem-tls")
 template(name="raw" type="string" string="%rawmsg%\n")
-if $inputname == "siem-tls" then {{
+ruleset(name="received") {{
     action(type="omfile" file="{d}/received.log" template="raw")
 }}
+module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="x509/certvalid")
+input(type="imtcp" address="127.0.0.1" port="{port}" ruleset="received")
+module(load="imudp")
+input(type="imudp" address="127.0.0.1" port="{udp_port}" ruleset="received")
+module(load="imuxsock" sysSock.use="off")
+input(type="imuxsock" socket="{d}/relay.sock" ruleset="received")
 "#
         );
         std::fs::write(dir.path().join("rsyslog.conf"), conf).expect("conf");
-        let mut r = Rsyslog { dir, child: None, port };
+        let mut r = Rsyslog {
+            dir,
+            child: None,
+            port,
+            udp_port,
+        };
         r.spawn();
         r
     }
@@ -134,6 +150,11 @@ if $inputname == "siem-tls" then {{
     /// The CA of the server certificate (for `siem.ca_file`).
     pub fn ca_file(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
+    }
+
+    /// The Unix datagram socket rsyslog reads (a local relay's).
+    pub fn unix_socket(&self) -> PathBuf {
+        self.dir.path().join("relay.sock")
     }
 
     /// A client certificate and key signed by the CA (for mutual TLS).

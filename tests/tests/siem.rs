@@ -453,3 +453,46 @@ fn the_syslog_parser_refuses_what_rfc_5424_refuses() {
         assert!(parse_5424(bad).is_err(), "{bad}");
     }
 }
+
+/// The datagram transports against the same rsyslog: UDP (RFC 5426) and a local relay's Unix
+/// datagram socket, through the exporter the plugin runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_and_unix_datagrams_reach_rsyslog() {
+    use rdp_preflight::siem::{Exporter, SiemFile, SiemStats};
+    let rs = tokio::task::block_in_place(Rsyslog::start_tls);
+    let record: rdp_preflight::audit::AuditRecord = serde_json::from_value(serde_json::json!({
+        "time": "2026-03-04T05:06:07.890Z", "seq": 1, "check_id": "01DATAGRAM", "request_id": "dgram-1",
+        "requester": {"user": "operator", "source_address": "127.0.0.1"},
+        "target": {"host": "127.0.0.1", "port": 3389, "resolved": [], "connected": null},
+        "account": null, "verdict": "deny", "primary_cause": {"name": "TCP_REFUSED", "number": 201},
+        "findings": [], "stages": [], "facts": {}, "duration_ms": 1.0, "plugin_version": "0.1.0", "prev": ""
+    }))
+    .expect("record");
+    let socket = rs.unix_socket();
+    for (i, url) in [
+        format!("udp://127.0.0.1:{}", rs.udp_port),
+        format!("unix://{}", socket.display()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cfg = SiemFile {
+            syslog: Some(url.clone()),
+            ..SiemFile::default()
+        }
+        .validate()
+        .expect("valid")
+        .expect("on");
+        let x = Exporter::start(cfg);
+        let mut r = record.clone();
+        r.check_id = format!("01DATAGRAM{i}");
+        x.offer(r);
+        x.close().await;
+        assert_eq!(SiemStats::get(&x.stats().sent), 1, "{url}");
+        let lines = tokio::task::block_in_place(|| rs.wait_for(i + 1, Duration::from_secs(10)));
+        let m = parse_5424(&lines[i]).unwrap_or_else(|e| panic!("{url}: not RFC 5424 ({e}): {}", lines[i]));
+        let e: Json = serde_json::from_str(&m.msg).expect("JSON");
+        assert_eq!(validate_ocsf(&e), Ok(4001), "{url}");
+        assert_eq!(e["metadata"]["uid"], format!("01DATAGRAM{i}"));
+    }
+}
