@@ -66,6 +66,8 @@ pub struct FileConfig {
     pub kerberos: crate::kerberos::KerberosFile,
     /// `[siem]`: every audit record exported to the SIEM (syslog, OCSF).
     pub siem: crate::siem::SiemFile,
+    /// `[otel]`: one OpenTelemetry trace per check, and logs, over OTLP.
+    pub otel: crate::otel::OtelFile,
 }
 
 /// `[nla]`: the NLA stage, run after a clean TLS stage when the server selected HYBRID or
@@ -408,6 +410,8 @@ pub struct Config {
     pub kerberos: Option<crate::kerberos::KerberosConfig>,
     /// SIEM export of the audit records (`None`: off).
     pub siem: Option<crate::siem::SiemConfig>,
+    /// OpenTelemetry export (`None`: off).
+    pub otel: Option<crate::otel::OtelConfig>,
     /// The file mirror this was built from (for `config check`).
     pub file: FileConfig,
 }
@@ -708,6 +712,7 @@ impl FileConfig {
                 }
                 siem
             },
+            otel: self.otel.validate().map_err(ConfigError)?,
             file: self.clone(),
         })
     }

@@ -14,6 +14,7 @@ pub mod guard;
 pub mod kerberos;
 pub mod metrics;
 pub mod nla;
+pub mod otel;
 pub mod policy;
 pub mod probe;
 pub mod report;

@@ -1192,6 +1192,11 @@ fn sample(key: &str, pem: &str, secret: &str, tmp: &Path) -> (String, Vec<(&'sta
             vec![("kerberos.kdcs", "dc1.example.test:88".into())],
         ),
         "admin.listen" => ("127.0.0.1:9464".into(), vec![]),
+        "otel.endpoint" => ("http://127.0.0.1:4317".into(), vec![]),
+        "otel.ca_file" => (
+            pem.into(),
+            vec![("otel.endpoint", "https://collector.example.test:4317".into())],
+        ),
         "siem.syslog" => (
             "udp://127.0.0.1:514".into(),
             vec![("audit.dir", "/tmp/rdp-preflight-deploy-test-audit".into())],
@@ -1225,6 +1230,14 @@ fn sample(key: &str, pem: &str, secret: &str, tmp: &Path) -> (String, Vec<(&'sta
             )
         }
         other => panic!("tests/tests/deploy.rs: add a sample value for {other} to sample()"),
+    }
+}
+
+/// Keys a switch needs beside it to be valid when turned on.
+fn requires(key: &str) -> Vec<(&'static str, String)> {
+    match key {
+        "otel.logs" => vec![("otel.endpoint", "http://127.0.0.1:4317".into())],
+        _ => vec![],
     }
 }
 
@@ -1303,7 +1316,7 @@ fn every_documented_variable_is_accepted_and_takes_effect() {
             continue;
         }
         let (value, extra) = match &model[&d.key] {
-            Json::Bool(b) => ((!b).to_string(), vec![]),
+            Json::Bool(b) => ((!b).to_string(), requires(&d.key)),
             Json::Number(n) => ((n.as_u64().expect("unsigned") + 1).to_string(), vec![]),
             Json::String(s) => (s.clone(), vec![]),
             Json::Array(a) if !a.is_empty() => (
