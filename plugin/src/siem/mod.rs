@@ -431,7 +431,12 @@ impl Connection {
                 let f = within(
                     t,
                     "open",
-                    tokio::fs::OpenOptions::new().create(true).append(true).open(path),
+                    // Events name accounts: not for every local user to read.
+                    tokio::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .mode(0o640)
+                        .open(path),
                 )
                 .await?;
                 Open::File(f)

@@ -289,6 +289,9 @@ async fn json_lines_to_a_file_in_both_formats() {
         x.close().await;
         assert_eq!(SiemStats::get(&x.stats().sent), 1);
     }
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).expect("meta").permissions());
+    assert_eq!(mode & 0o007, 0, "events name accounts: not world-readable");
+    assert_eq!(mode & 0o600, 0o600);
     let text = std::fs::read_to_string(&path).expect("file");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2);
