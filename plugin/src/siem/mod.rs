@@ -554,9 +554,12 @@ impl Exporter {
     /// Queues `rec` without waiting; a full queue counts it as undelivered.
     pub fn offer(&self, rec: AuditRecord) {
         let s = &self.inner.stats;
+        // Counted before it is queued, so that the task never takes it below zero.
+        SiemStats::add(&s.depth, 1);
         match self.inner.tx.try_send(rec) {
-            Ok(()) => SiemStats::add(&s.depth, 1),
+            Ok(()) => {}
             Err(e) => {
+                s.depth.fetch_sub(1, Ordering::Relaxed);
                 let first = s.undelivered.fetch_add(1, Ordering::Relaxed) == 0;
                 let rec = match &e {
                     mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
