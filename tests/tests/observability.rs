@@ -1,7 +1,9 @@
 //! `deploy/observability/` stays consistent with the plugin:
 //!
-//! - `promtool check rules` (Debian's `prometheus` package) accepts the alert rules, and every
-//!   rule links a runbook section that exists in `docs/operations.md`;
+//! - `promtool check rules` (Debian's `prometheus` package) accepts the alert rules, their unit
+//!   tests pass (`promtool test rules`: the deny-ratio jump, the directory and the store alerts
+//!   fire on the series they are written for and stay quiet before), and every rule links a
+//!   runbook section that exists in `docs/operations.md`;
 //! - every metric the Grafana dashboard and the rules query is one the real plugin exports on
 //!   `/metrics` (the families of its `# TYPE` lines, histogram and summary suffixes included),
 //!   read from `rdp-preflight serve` with the shared store (a real PostgreSQL), the audit log and
@@ -25,6 +27,7 @@ use yaml_rust2::{Yaml, YamlLoader};
 
 const RULES: &str = "deploy/observability/alerts.rules.yml";
 const DASHBOARD: &str = "deploy/observability/grafana-dashboard.json";
+const RULE_TESTS: &str = "deploy/observability/alerts.test.yml";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -125,6 +128,17 @@ fn promtool_accepts_the_rules_and_every_rule_has_a_runbook() {
     assert!(
         out.status.success(),
         "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(repo().join(RULE_TESTS))
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool test rules: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
