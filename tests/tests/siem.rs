@@ -411,6 +411,10 @@ async fn audit_records_reach_rsyslog_over_mutual_tls_and_an_outage_is_replayed()
     }
     let with_dup = by_uid.values().filter(|v| v.len() > 1).count();
     assert_eq!(with_dup, lines.len() - ids.len());
+    eprintln!(
+        "siem outage: {n} records, {undelivered} not queued during the outage, {delivered_later} delivered after it by retry, {} messages after the replay, {with_dup} duplicates (same uid)",
+        lines.len()
+    );
 
     // The stdout form of the replay: one OCSF event per line, same uids.
     let out = tokio::task::block_in_place(|| {
