@@ -232,7 +232,14 @@ pub fn event(rec: &AuditRecord) -> Value {
         }
         obj.insert("user".into(), Value::Object(user));
         obj.insert("is_remote".into(), json!(true));
-        let (proto_id, proto, logon_type_id, logon_type) = match rec.facts.credential_checked_by.as_str() {
+        // An NLA logon failure is the target's NTLM logon, whatever proved the password first.
+        let nla = matches!(rec.primary_cause.number, 702 | 703);
+        let by = if nla {
+            "nla"
+        } else {
+            rec.facts.credential_checked_by.as_str()
+        };
+        let (proto_id, proto, logon_type_id, logon_type) = match by {
             "nla" => (1, "NTLM", 10, "Remote Interactive"),
             "kerberos" => (2, "Kerberos", 3, "Network"),
             "ldap" => (99, "LDAP bind", 3, "Network"),

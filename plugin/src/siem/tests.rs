@@ -78,6 +78,19 @@ fn ocsf_authentication_event_of_a_credential_deny() {
 }
 
 #[test]
+fn an_nla_logon_failure_is_an_ntlm_remote_interactive_logon() {
+    // The directory proved the password (LDAP), then the target refused the NTLM logon.
+    let e = ocsf::event(&record("01CHECKN", crate::cause::Cause::NlaLogonFailed, "deny"));
+    assert_eq!(e["class_uid"], 3002);
+    assert_eq!(e["status_detail"], "NLA_LOGON_FAILED");
+    assert_eq!(
+        (e["auth_protocol_id"].clone(), e["logon_type_id"].clone()),
+        (1.into(), 10.into())
+    );
+    assert_eq!(e["user"]["name"], "alice");
+}
+
+#[test]
 fn ocsf_network_and_rdp_events() {
     let e = ocsf::event(&record("01CHECKB", crate::cause::Cause::TcpRefused, "deny"));
     assert_eq!(
