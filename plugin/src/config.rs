@@ -64,6 +64,10 @@ pub struct FileConfig {
     pub store: crate::store::StoreFile,
     /// `[kerberos]`: the credential proven by an AS exchange with the KDC.
     pub kerberos: crate::kerberos::KerberosFile,
+    /// `[siem]`: every audit record exported to the SIEM (syslog, OCSF).
+    pub siem: crate::siem::SiemFile,
+    /// `[otel]`: one OpenTelemetry trace per check, and logs, over OTLP.
+    pub otel: crate::otel::OtelFile,
 }
 
 /// `[nla]`: the NLA stage, run after a clean TLS stage when the server selected HYBRID or
@@ -412,6 +416,10 @@ pub struct Config {
     pub store: Option<crate::store::StoreConfig>,
     /// Kerberos (`None`: no realm configured).
     pub kerberos: Option<crate::kerberos::KerberosConfig>,
+    /// SIEM export of the audit records (`None`: off).
+    pub siem: Option<crate::siem::SiemConfig>,
+    /// OpenTelemetry export (`None`: off).
+    pub otel: Option<crate::otel::OtelConfig>,
     /// The file mirror this was built from (for `config check`).
     pub file: FileConfig,
 }
@@ -709,6 +717,23 @@ impl FileConfig {
                 }
                 store
             },
+            siem: {
+                let siem = self.siem.validate().map_err(ConfigError)?;
+                let audit_on = self.audit.dir.is_some() || self.audit.backend == "store";
+                if siem.is_some() && !audit_on {
+                    let key = if self.siem.syslog.is_some() {
+                        "siem.syslog"
+                    } else {
+                        "siem.file"
+                    };
+                    return Err(err(
+                        key,
+                        "the SIEM export sends what the audit log records: configure [audit] dir (or backend = \"store\")",
+                    ));
+                }
+                siem
+            },
+            otel: self.otel.validate().map_err(ConfigError)?,
             file: self.clone(),
         })
     }

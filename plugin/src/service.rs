@@ -100,6 +100,9 @@ impl pb::preflight_server::Preflight for PreflightService {
             }
         }
         tracked.finish(&report);
+        if cfg.otel.is_some() {
+            crate::otel::record_check(&report);
+        }
         span.in_scope(|| {
             tracing::info!(
                 check_id = %report.check_id,
