@@ -7,7 +7,10 @@
 #   - PostgreSQL (initdb, pg_ctl, psql; the tests start their own clusters): tests/tests/store.rs;
 #   - Samba as an AD DC (samba, samba-ad-dc, samba-ad-provision; the tests provision their own
 #     in a temporary directory, KDC on 127.0.0.1:88) and faketime (the plugin's clock ahead of
-#     the KDC's): tests/tests/kerberos.rs.
+#     the KDC's): tests/tests/kerberos.rs;
+#   - rsyslog with its GnuTLS driver (rsyslog, rsyslog-gnutls; the tests start their own with a
+#     TLS listener): tests/tests/siem.rs;
+#   - Prometheus' promtool (prometheus): tests/tests/observability.rs checks the alert rules.
 # Idempotent: installs nothing when every tool is present. Non-interactive; needs root (or sudo).
 set -euo pipefail
 
@@ -22,9 +25,12 @@ command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 command -v samba >/dev/null 2>&1 || missing+=(samba samba-ad-dc)
 [ -d /usr/share/samba/setup/ad-schema ] || missing+=(samba-ad-provision)
 command -v faketime >/dev/null 2>&1 || missing+=(faketime)
+[ -x /usr/sbin/rsyslogd ] || missing+=(rsyslog)
+ls /usr/lib/*/rsyslog/lmnsd_gtls.so >/dev/null 2>&1 || missing+=(rsyslog-gnutls)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "install-test-deps: slapd, ldap-utils, freerdp-shadow-cli, winpr-hash, Xvfb, PostgreSQL and Samba already installed"
+    echo "install-test-deps: slapd, ldap-utils, freerdp-shadow-cli, winpr-hash, Xvfb, PostgreSQL, Samba, rsyslog and promtool already installed"
     exit 0
 fi
 
@@ -49,14 +55,14 @@ $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recomme
 
 # A system slapd or PostgreSQL cluster the packages may have started is not needed.
 if command -v systemctl >/dev/null 2>&1; then
-    for unit in slapd postgresql samba-ad-dc smbd nmbd; do
+    for unit in slapd postgresql samba-ad-dc smbd nmbd rsyslog prometheus; do
         if systemctl is-active --quiet "$unit" 2>/dev/null; then
             $SUDO systemctl stop "$unit" || true
         fi
     done
 fi
 
-for tool in /usr/sbin/slapd ldapwhoami ldapadd freerdp-shadow-cli winpr-hash Xvfb; do
+for tool in /usr/sbin/slapd ldapwhoami ldapadd freerdp-shadow-cli winpr-hash Xvfb /usr/sbin/rsyslogd promtool; do
     if ! command -v "$tool" >/dev/null 2>&1; then
         echo "install-test-deps: $tool still missing after install" >&2
         exit 1

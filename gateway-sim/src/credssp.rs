@@ -77,16 +77,16 @@ pub(crate) enum DerError {
 }
 
 /// A cursor over DER TLVs (single-byte tags, definite lengths of up to 4 octets).
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     rest: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
         Reader { rest: bytes }
     }
 
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.rest.is_empty()
     }
 
@@ -94,7 +94,7 @@ impl<'a> Reader<'a> {
         self.rest.first().copied()
     }
 
-    fn read_any(&mut self) -> Result<(u8, &'a [u8]), DerError> {
+    pub(crate) fn read_any(&mut self) -> Result<(u8, &'a [u8]), DerError> {
         let (&tag, rest) = self.rest.split_first().ok_or(DerError::Truncated)?;
         if tag & 0x1f == 0x1f {
             return Err(DerError::Form);
@@ -116,7 +116,7 @@ impl<'a> Reader<'a> {
         Ok((tag, content))
     }
 
-    fn read(&mut self, want: u8) -> Result<&'a [u8], DerError> {
+    pub(crate) fn read(&mut self, want: u8) -> Result<&'a [u8], DerError> {
         match self.read_any()? {
             (tag, content) if tag == want => Ok(content),
             (got, _) => Err(DerError::Tag { got, want }),
@@ -124,7 +124,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The content of context tag `[n]` (constructed) when it comes next.
-    fn explicit(&mut self, n: u8) -> Result<Option<Reader<'a>>, DerError> {
+    pub(crate) fn explicit(&mut self, n: u8) -> Result<Option<Reader<'a>>, DerError> {
         let tag = 0xa0 | n;
         if self.peek_tag() != Some(tag) {
             return Ok(None);
@@ -133,7 +133,7 @@ impl<'a> Reader<'a> {
     }
 
     /// `[n] { <one TLV of tag want> }`, if present.
-    fn explicit_single(&mut self, n: u8, want: u8) -> Result<Option<&'a [u8]>, DerError> {
+    pub(crate) fn explicit_single(&mut self, n: u8, want: u8) -> Result<Option<&'a [u8]>, DerError> {
         let Some(mut inner) = self.explicit(n)? else {
             return Ok(None);
         };
@@ -150,7 +150,7 @@ const INTEGER: u8 = 0x02;
 const OCTET_STRING: u8 = 0x04;
 const BIT_STRING: u8 = 0x03;
 
-fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+pub(crate) fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(content.len() + 6);
     out.push(tag);
     let len = content.len();
@@ -399,7 +399,12 @@ pub(crate) enum Reply {
 
 enum State {
     Negotiate,
-    Authenticate { negotiate: Vec<u8>, challenge: Vec<u8> },
+    /// Kerberos: the AP-REQ was accepted, the client's pubKeyAuth comes next.
+    KerberosPubKey(Box<crate::kerberos::Context>),
+    Authenticate {
+        negotiate: Vec<u8>,
+        challenge: Vec<u8>,
+    },
     Credentials(Box<SessionSecurity>),
     Done,
 }
@@ -503,7 +508,16 @@ impl<'a> CredSspServer<'a> {
             return self.close("client errorCode");
         }
         match std::mem::replace(&mut self.state, State::Done) {
+            State::Negotiate
+                if request
+                    .nego_tokens
+                    .first()
+                    .is_some_and(|t| crate::kerberos::is_spnego(t)) =>
+            {
+                self.on_ap_req(&request)
+            }
             State::Negotiate => self.on_negotiate(&request),
+            State::KerberosPubKey(ctx) => self.on_kerberos_pub_key(&request, *ctx),
             State::Authenticate { negotiate, challenge } => self.on_authenticate(&request, &negotiate, &challenge),
             State::Credentials(mut security) => {
                 // Never needed by the plugin: unsealed only to see that it is well formed, and
@@ -513,6 +527,78 @@ impl<'a> CredSspServer<'a> {
                 self.close("TSCredentials received")
             }
             State::Done => self.close("conversation over"),
+        }
+    }
+
+    /// Kerberos in SPNEGO: with a keytab, the AP-REQ is judged; without one, the answer asks
+    /// for NTLM (what a server whose Kerberos is unusable does).
+    fn on_ap_req(&mut self, request: &TsRequest) -> Reply {
+        let token = request.nego_tokens.first().map(Vec::as_slice).unwrap_or_default();
+        if self.spec.behavior == Behavior::NlaClose {
+            return self.close("nla_close: closing after the AP-REQ");
+        }
+        let Some(keytab) = self.spec.nla.keytab.as_deref() else {
+            debug!(target = %self.spec.name, "Kerberos offered, no keytab: asking for NTLM");
+            self.state = State::Negotiate;
+            return Reply::Continue(self.answer(|r| r.nego_tokens = vec![crate::kerberos::wants_ntlm()]));
+        };
+        let now = i64::try_from(self.unix_nanos / 1_000_000_000).unwrap_or(0) + self.spec.nla.skew_secs;
+        let rng = ring::rand::SystemRandom::new();
+        let mut random = |b: &mut [u8]| {
+            use ring::rand::SecureRandom;
+            let _ = rng.fill(b);
+        };
+        match crate::kerberos::accept(keytab, token, now, &mut random) {
+            Ok((ctx, answer)) => {
+                debug!(target = %self.spec.name, client = %ctx.client, "AP-REQ accepted");
+                self.state = State::KerberosPubKey(Box::new(ctx));
+                Reply::Continue(self.answer(|r| r.nego_tokens = vec![answer]))
+            }
+            Err(e) => {
+                debug!(target = %self.spec.name, krb_error = e.krb_error, why = %e.why, "AP-REQ refused");
+                self.state = State::Done;
+                Reply::Refuse(self.answer(|r| {
+                    r.error_code = Some(e.status);
+                    r.nego_tokens = vec![crate::kerberos::error_token(&e, now)];
+                }))
+            }
+        }
+    }
+
+    fn on_kerberos_pub_key(&mut self, request: &TsRequest, mut ctx: crate::kerberos::Context) -> Reply {
+        // Our mechListMIC was sent: the client's is required.
+        let Some(mic) = request.nego_tokens.first() else {
+            return self.protocol_fault("Kerberos: no mechListMIC from the client");
+        };
+        if let Err(e) = ctx.verify_client_mic(mic) {
+            warn!(target = %self.spec.name, error = %e, "Kerberos: bad mechListMIC");
+            return self.protocol_fault("Kerberos: bad mechListMIC");
+        }
+        let Some(pub_key_auth) = request.pub_key_auth.as_deref() else {
+            return self.protocol_fault("Kerberos: no pubKeyAuth");
+        };
+        let proof = match ctx.unwrap(pub_key_auth) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(target = %self.spec.name, error = %e, "Kerberos: pubKeyAuth does not unwrap");
+                return self.protocol_fault("Kerberos: pubKeyAuth does not unwrap");
+            }
+        };
+        let version = request.version.min(self.version());
+        let nonce = request.client_nonce.as_deref().unwrap_or_default();
+        if version >= 5 && nonce.len() != 32 {
+            return self.protocol_fault("version 5+ without a 32-byte clientNonce");
+        }
+        if !ntlm::ct_eq(&proof, &client_binding(version, nonce, &self.public_key)) {
+            return self.protocol_fault("pubKeyAuth does not bind this server's public key");
+        }
+        match ctx.wrap(&server_binding(version, nonce, &self.public_key)) {
+            Ok(sealed) => {
+                debug!(target = %self.spec.name, client = %ctx.client, version, "Kerberos logon accepted");
+                self.state = State::Done;
+                Reply::Authenticated(self.answer(|r| r.pub_key_auth = Some(sealed)))
+            }
+            Err(_) => self.protocol_fault("Kerberos: wrap failed"),
         }
     }
 

@@ -62,6 +62,17 @@ impl Harness {
             cfg.directory.bind_as = format!("dn:{}", dir.user_dn("{user}"));
             env = env.with_directory(dir);
         }
+        if Harness::needs_kdc(scenario) {
+            let spns: Vec<String> = scenario
+                .targets
+                .iter()
+                .filter_map(|t| t.nla.kerberos_spn.clone())
+                .collect();
+            let kdc = crate::kdc::start_kdc(&scenario.accounts, &spns)
+                .await
+                .map_err(|e| format!("KDC: {e}"))?;
+            env.kdc = Some(kdc);
+        }
         Ok(Harness {
             env,
             plugin_config: cfg,
@@ -77,6 +88,23 @@ impl Harness {
         cfg
     }
 
+    /// True when some row or target uses Kerberos (the simulated KDC runs).
+    pub fn needs_kdc(scenario: &Scenario) -> bool {
+        scenario.rows.iter().any(|r| r.kerberos) || scenario.targets.iter().any(|t| t.nla.kerberos_spn.is_some())
+    }
+
+    /// The configuration for `kerberos` rows: no directory; `[kerberos]` against the simulated
+    /// KDC (realm `SIMDOM.TEST`), `nla.auth` left to its default (negotiate). `None` without a
+    /// KDC.
+    pub fn kerberos_config(&self) -> Option<FileConfig> {
+        let kdc = self.env.kdc.as_ref()?;
+        let mut cfg = self.nla_only_config();
+        cfg.kerberos.realm = Some(crate::kdc::REALM.into());
+        cfg.kerberos.kdcs = vec![kdc.addr().to_string()];
+        cfg.directory.domains = [("SIMDOM".to_owned(), "simdom.test".to_owned())].into_iter().collect();
+        Some(cfg)
+    }
+
     /// True when some row needs the directory-less plugin.
     pub fn needs_nla_only_plugin(scenario: &Scenario) -> bool {
         !scenario.accounts.is_empty() && scenario.rows.iter().any(|r| r.nla_only)
@@ -90,6 +118,14 @@ impl Harness {
     /// Writes [`Harness::nla_only_config`] as TOML.
     pub fn write_nla_only_config(&self) -> Result<PathBuf, String> {
         self.write_config("rdp-preflight-nla-only.toml", &self.nla_only_config())
+    }
+
+    /// Writes [`Harness::kerberos_config`] as TOML, when the KDC runs.
+    pub fn write_kerberos_config(&self) -> Result<Option<PathBuf>, String> {
+        match self.kerberos_config() {
+            Some(cfg) => self.write_config("rdp-preflight-kerberos.toml", &cfg).map(Some),
+            None => Ok(None),
+        }
     }
 
     fn write_config(&self, name: &str, cfg: &FileConfig) -> Result<PathBuf, String> {
@@ -137,14 +173,19 @@ pub async fn run_demo(scenario: &Scenario, jobs: usize) -> Result<Vec<RowResult>
     } else {
         None
     };
+    let kerberos = match harness.kerberos_config() {
+        Some(cfg) => Some(serve_in_process(&cfg).await?),
+        None => None,
+    };
     let opts = PlayOptions {
         deadline: Duration::from_secs(30),
         jobs,
         nla_only_plugin: nla_only.as_ref().map(|(e, _, _)| e.clone()),
+        kerberos_plugin: kerberos.as_ref().map(|(e, _, _)| e.clone()),
     };
     let rows = driver::play_with(&endpoint, scenario, &harness.env, &opts).await;
     let _ = stop.send(());
-    if let Some((_, s, t)) = nla_only {
+    for (_, s, t) in nla_only.into_iter().chain(kerberos) {
         let _ = s.send(());
         let _ = t.await;
     }

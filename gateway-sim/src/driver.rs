@@ -52,12 +52,18 @@ pub struct SimEnv {
     pub fleet: Fleet,
     /// The simulated directory; rows with an `account` are skipped without it.
     pub directory: Option<DirectoryHandle>,
+    /// The simulated KDC, when a row or target uses Kerberos.
+    pub kdc: Option<crate::kdc::Kdc>,
 }
 
 impl SimEnv {
     /// An environment with targets only.
     pub fn new(fleet: Fleet) -> SimEnv {
-        SimEnv { fleet, directory: None }
+        SimEnv {
+            fleet,
+            directory: None,
+            kdc: None,
+        }
     }
 
     /// Adds a directory running in this process.
@@ -78,6 +84,9 @@ pub struct PlayOptions {
     /// A plugin configured without a directory, for `nla_only` rows (the target alone judges
     /// their credential). `None`: those rows go to the main plugin too.
     pub nla_only_plugin: Option<String>,
+    /// A plugin configured with `[kerberos]` (the simulated KDC), for `kerberos` rows; `None`:
+    /// those rows are skipped.
+    pub kerberos_plugin: Option<String>,
 }
 
 impl Default for PlayOptions {
@@ -86,6 +95,7 @@ impl Default for PlayOptions {
             deadline: Duration::from_secs(30),
             jobs: 4,
             nla_only_plugin: None,
+            kerberos_plugin: None,
         }
     }
 }
@@ -204,7 +214,7 @@ pub fn check_request(scenario: &Scenario, row: &Row, addr: SocketAddr, attempt: 
     CheckRequest {
         request_id: format!("sim-{}-{attempt}", row.name),
         target: Some(Target {
-            host: addr.ip().to_string(),
+            host: row.host.clone().unwrap_or_else(|| addr.ip().to_string()),
             port: u32::from(addr.port()),
             expected_name: row.expected_name.clone().unwrap_or_else(|| row.target.clone()),
             requested_protocols: row.protocols.iter().map(|p| *p as i32).collect(),
@@ -247,9 +257,13 @@ pub async fn play_with(
             Some(e) => plugin_client(e)?,
             None => main.clone(),
         };
-        Ok((main, nla_only))
+        let kerberos = match &options.kerberos_plugin {
+            Some(e) => plugin_client(e)?,
+            None => main.clone(),
+        };
+        Ok((main, nla_only, kerberos))
     });
-    let (client, nla_client) = match clients {
+    let (client, nla_client, krb_client) = match clients {
         Ok(clients) => clients,
         Err(e) => {
             return scenario
@@ -275,11 +289,13 @@ pub async fn play_with(
 
     let mut results: Vec<(usize, RowResult)> = stream::iter(groups)
         .map(|(_, rows)| {
-            let (client, nla_client) = (client.clone(), nla_client.clone());
+            let (client, nla_client, krb_client) = (client.clone(), nla_client.clone(), krb_client.clone());
             async move {
                 let mut out = Vec::with_capacity(rows.len());
                 for (i, row) in rows {
-                    let c = if row.nla_only {
+                    let c = if row.kerberos {
+                        krb_client.clone()
+                    } else if row.nla_only {
                         nla_client.clone()
                     } else {
                         client.clone()
@@ -305,8 +321,14 @@ async fn play_row(
     options: &PlayOptions,
 ) -> RowResult {
     let result = RowResult::new(row);
+    if row.kerberos && options.kerberos_plugin.is_none() {
+        return result.fail(
+            Outcome::Skip,
+            "a Kerberos row and no plugin configured with the simulated KDC",
+        );
+    }
     // An `nla_only` credential is judged by the target itself: no directory needed.
-    if row.account.is_some() && !row.nla_only && env.directory.is_none() {
+    if row.account.is_some() && !row.nla_only && !row.kerberos && env.directory.is_none() {
         return result.fail(
             Outcome::Skip,
             "the row names an account and no simulated directory is running",

@@ -9,6 +9,8 @@ mod credssp;
 pub mod demo;
 pub mod directory;
 pub mod driver;
+pub mod kdc;
+pub mod kerberos;
 mod ntlm;
 pub mod scenario;
 pub mod targets;

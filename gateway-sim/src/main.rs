@@ -77,6 +77,10 @@ enum Command {
         /// A second plugin endpoint, configured without a directory, for `nla_only` rows.
         #[arg(long)]
         nla_only_plugin: Option<String>,
+        /// A plugin endpoint configured with `[kerberos]` against the simulated KDC, for
+        /// `kerberos` rows (skipped without it).
+        #[arg(long)]
+        kerberos_plugin: Option<String>,
     },
     /// Closed-loop load against the plugin with checks of the healthy target(s) (`--nla`: of the
     /// nla_healthy target(s)).
@@ -260,6 +264,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
             deadline_ms,
             jobs,
             nla_only_plugin,
+            kerberos_plugin,
         } => {
             let scenario = Scenario::load(&scenario)?;
             let env = if targets_from_fleet {
@@ -270,6 +275,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                 SimEnv {
                     fleet: Fleet::from_manifest(manifest),
                     directory: remote,
+                    kdc: None,
                 }
             } else {
                 let env = SimEnv::new(start_fleet(&scenario.targets).await?);
@@ -286,6 +292,7 @@ async fn run(command: Command) -> Result<ExitCode, BoxError> {
                 deadline: Duration::from_millis(deadline_ms),
                 jobs,
                 nla_only_plugin,
+                kerberos_plugin,
             };
             let results = play_with(&plugin, &scenario, &env, &options).await;
             if json {

@@ -378,6 +378,12 @@ pub struct NlaSpec {
     pub close_after_authenticate: bool,
     /// Accounts logons are checked against: the scenario's `[[account]]` tables.
     pub accounts: Vec<Account>,
+    /// Keys for Kerberos logons (SPNEGO with an AP-REQ); `None`: Kerberos offers are answered
+    /// with a request for NTLM.
+    pub keytab: Option<std::sync::Arc<crate::kerberos::Keytab>>,
+    /// The host name whose `TERMSRV/` principal the simulated KDC issues tickets for, keyed to
+    /// this target (`kerberos_spn`; it also sets `keytab`).
+    pub kerberos_spn: Option<String>,
 }
 
 /// NTSTATUS STATUS_LOGON_FAILURE.
@@ -410,6 +416,8 @@ impl NlaSpec {
             },
             close_after_authenticate: false,
             accounts: Vec::new(),
+            keytab: None,
+            kerberos_spn: None,
         }
     }
 }
@@ -553,6 +561,11 @@ pub struct Row {
     /// The credential is for the target's NLA logon alone: the row is played without a
     /// directory too.
     pub nla_only: bool,
+    /// Played against the plugin configured with `[kerberos]` and the simulated KDC.
+    pub kerberos: bool,
+    /// Target.host sent instead of the target's address (e.g. a name whose `TERMSRV/`
+    /// principal the KDC knows); the port stays the target's.
+    pub host: Option<String>,
 }
 
 /// A whole scenario file.
@@ -721,6 +734,8 @@ struct RawTarget {
     ntstatus: Option<u32>,
     skew_secs: Option<i64>,
     close_after_authenticate: Option<bool>,
+    keytab: Option<String>,
+    kerberos_spn: Option<String>,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -850,6 +865,28 @@ impl RawTarget {
             }
             spec.nla.close_after_authenticate = close;
         }
+        if let Some(path) = &self.keytab {
+            // nla_error with an NTLM refusal and a keytab: a target where only Kerberos works.
+            if !behavior.judges_logons() && behavior != Behavior::NlaError {
+                return Err(not_meaningful("keytab"));
+            }
+            let k = crate::kerberos::Keytab::read(std::path::Path::new(path))
+                .map_err(|e| format!("key \"keytab\": {e}"))?;
+            spec.nla.keytab = Some(std::sync::Arc::new(k));
+        }
+        if let Some(spn) = &self.kerberos_spn {
+            if !behavior.judges_logons() && behavior != Behavior::NlaError {
+                return Err(not_meaningful("kerberos_spn"));
+            }
+            if self.keytab.is_some() {
+                return Err("keys \"keytab\" and \"kerberos_spn\": give one".to_owned());
+            }
+            if !valid_name(spn) {
+                return Err(format!("key \"kerberos_spn\": {spn:?} is not a host name"));
+            }
+            spec.nla.keytab = Some(std::sync::Arc::new(crate::kdc::service_keytab(spn)));
+            spec.nla.kerberos_spn = Some(spn.to_ascii_lowercase());
+        }
         Ok(spec)
     }
 }
@@ -870,6 +907,8 @@ struct RawRow {
     repeat: Option<u32>,
     expected_computer: Option<String>,
     nla_only: Option<bool>,
+    kerberos: Option<bool>,
+    host: Option<String>,
 }
 
 /// Parses a protocol name of the scenario file.
@@ -951,6 +990,8 @@ impl RawRow {
             repeat,
             expected_computer: self.expected_computer,
             nla_only,
+            kerberos: self.kerberos.unwrap_or(false),
+            host: self.host,
         })
     }
 }

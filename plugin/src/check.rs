@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use crate::{
     cause::{Cause, Severity, Stage},
-    config::{Config, NlaLogon},
+    config::{Config, NlaAuth, NlaLogon},
     credential::{CredentialChecker, CredentialOutcome},
     deadline::Budget,
     guard::{Admission, Guard, Limits, Outcome},
@@ -33,7 +33,7 @@ pub struct InternalError {
 pub struct Checker {
     cfg: Arc<Config>,
     prober: Prober,
-    credential: Option<CredentialChecker>,
+    credential: Option<Arc<CredentialChecker>>,
     /// The AS exchange, when `[kerberos]` is configured (it then proves the credential).
     kerberos: Option<crate::kerberos::KerberosChecker>,
     /// The one lockout guard: LDAP binds and NLA logons spend one budget per account.
@@ -81,12 +81,11 @@ impl Checker {
         let credential = cfg
             .directory
             .clone()
-            .map(|d| CredentialChecker::new(d, guard.clone(), cfg.domains.clone()));
-        let kerberos = cfg
-            .kerberos
-            .clone()
-            .filter(|k| k.credential_check)
-            .map(|k| crate::kerberos::KerberosChecker::new(k, guard.clone(), cfg.domains.clone()));
+            .map(|d| Arc::new(CredentialChecker::new(d, guard.clone(), cfg.domains.clone())));
+        let kerberos = cfg.kerberos.clone().filter(|k| k.credential_check).map(|k| {
+            crate::kerberos::KerberosChecker::new(k, guard.clone(), cfg.domains.clone())
+                .with_directory(credential.clone())
+        });
         Ok(Checker {
             cfg,
             prober,
@@ -211,12 +210,21 @@ impl Checker {
             now_unix_ms,
         };
         let start = budget.elapsed();
-        let out = match crate::nla::hello(&mut stream, &nla_input, budget, self.cfg.nla_timeout).await {
-            Ok(session) => {
-                self.logon(session, &mut stream, &nla_input, input, probe, bind, budget)
-                    .await
-            }
-            Err(out) => out,
+        // Kerberos when asked for and the credential stage obtained the service ticket: no
+        // NTLM message at all, no password attempt.
+        let ticket = bind
+            .filter(|b| b.bind_succeeded && self.cfg.nla_auth != NlaAuth::Ntlm)
+            .and_then(|b| b.service_ticket.clone())
+            .filter(|_| wanted.is_some_and(|c| !c.password.is_empty()));
+        let out = match ticket {
+            Some(t) => crate::nla::kerberos_logon(&mut stream, &nla_input, t, budget, self.cfg.nla_timeout).await,
+            None => match crate::nla::hello(&mut stream, &nla_input, budget, self.cfg.nla_timeout).await {
+                Ok(session) => {
+                    self.logon(session, &mut stream, &nla_input, input, probe, bind, budget)
+                        .await
+                }
+                Err(out) => out,
+            },
         };
         let mut facts = out.facts;
         if facts.logon.is_empty() {
@@ -281,6 +289,24 @@ impl Checker {
                 .without_logon(stream, budget, "directory bind did not succeed: logon not attempted")
                 .await;
         }
+        // Kerberos was preferred but there is no ticket: never NTLM with `kerberos`, NTLM with
+        // the reason recorded with `negotiate`.
+        let fallback = match self.cfg.nla_auth {
+            NlaAuth::Ntlm => None,
+            NlaAuth::Kerberos => {
+                let why = self.no_ticket_reason(bind);
+                let mut out = session
+                    .without_logon(
+                        stream,
+                        budget,
+                        &format!("nla.auth = kerberos and {why}: logon not attempted (never NTLM)"),
+                    )
+                    .await;
+                out.facts.auth_fallback = format!("none: {why}");
+                return out;
+            }
+            NlaAuth::Negotiate => Some(self.no_ticket_reason(bind)),
+        };
         let proven_by = match self.cfg.nla_logon {
             NlaLogon::Always => "nla.logon = always",
             _ => match target_authenticated(probe, input, session.so_far()) {
@@ -323,6 +349,10 @@ impl Checker {
                 let outcome = guard_outcome(&out);
                 ticket.finish(outcome).await;
                 out.detail = format!("{} (target authenticated: {proven_by})", out.detail);
+                if let Some(why) = fallback {
+                    out.detail = format!("{}; NTLM instead of Kerberos: {why}", out.detail);
+                    out.facts.auth_fallback = why;
+                }
                 out
             }
             Admission::Remembered(f) => {
@@ -355,6 +385,34 @@ impl Checker {
                 out.facts.logon = if usable { "accepted" } else { "refused" }.into();
                 out
             }
+        }
+    }
+
+    /// Why the NLA logon has no Kerberos ticket to use.
+    fn no_ticket_reason(&self, bind: Option<&CredentialOutcome>) -> String {
+        let Some(k) = self.cfg.kerberos.as_ref() else {
+            return "Kerberos is not configured".into();
+        };
+        if !k.credential_check {
+            return "kerberos.credential_check = false: no ticket".into();
+        }
+        if !k.spn_check {
+            return "kerberos.spn_check = false: no service ticket asked for".into();
+        }
+        match bind {
+            Some(b) => match b.findings.iter().find(|f| f.cause == Cause::TargetSpnMissing) {
+                Some(f) => {
+                    let p = f
+                        .evidence
+                        .iter()
+                        .find(|(k, _)| k == "principal")
+                        .map_or("TERMSRV/<host>", |(_, v)| v.as_str());
+                    format!("the KDC has no {p} (TARGET_SPN_MISSING)")
+                }
+                None if b.bind_succeeded => "the KDC issued no service ticket (see the credential stage)".into(),
+                None => "the AS exchange did not succeed".into(),
+            },
+            None => "no credential check ran".into(),
         }
     }
 

@@ -191,6 +191,10 @@ struct CheckArgs {
     /// always, or off (overrides config).
     #[arg(long, value_name = "MODE")]
     nla_logon: Option<String>,
+    /// How the NLA logon authenticates: ntlm, kerberos (the service ticket, never NTLM) or
+    /// negotiate (overrides config).
+    #[arg(long, value_name = "MODE")]
+    nla_auth: Option<String>,
     /// Kerberos realm: prove the credential by AS exchange (overrides config).
     #[arg(long)]
     realm: Option<String>,
@@ -351,19 +355,25 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
+/// A layer of the `tracing` subscriber.
+type BoxedLayer = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
 /// Initialises `tracing` (stderr; JSON when configured). `RUST_LOG` wins over the config.
 pub fn init_tracing(cfg: &Config) {
+    init_tracing_with(cfg, None);
+}
+
+/// Like [`init_tracing`], with one more layer (the OTLP log bridge).
+fn init_tracing_with(cfg: &Config, extra: Option<BoxedLayer>) {
+    use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, Layer};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = if cfg.log_json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let mut layers: Vec<BoxedLayer> = vec![if cfg.log_json { fmt.json().boxed() } else { fmt.boxed() }];
+    layers.extend(extra);
+    let _ = tracing_subscriber::registry().with(layers).with(filter).try_init();
 }
 
 fn serve(path: Option<&Path>, listen: Option<String>, allow_loopback: bool) -> ExitCode {
@@ -379,12 +389,26 @@ fn serve(path: Option<&Path>, listen: Option<String>, allow_loopback: bool) -> E
         Ok(c) => Arc::new(c),
         Err(e) => return usage(e),
     };
-    init_tracing(&cfg);
     let rt = match runtime() {
         Ok(r) => r,
         Err(c) => return c,
     };
-    rt.block_on(async move {
+    // The OTLP exporters need the runtime to exist when they are built.
+    let telemetry = match &cfg.otel {
+        Some(o) => {
+            let _in_runtime = rt.enter();
+            match crate::otel::Telemetry::start(o) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    eprintln!("rdp-preflight: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => None,
+    };
+    init_tracing_with(&cfg, telemetry.as_ref().and_then(crate::otel::Telemetry::log_layer));
+    let code = rt.block_on(async move {
         let bound = match crate::Bound::bind(&cfg).await {
             Ok(l) => l,
             Err(e) => {
@@ -405,7 +429,12 @@ fn serve(path: Option<&Path>, listen: Option<String>, allow_loopback: bool) -> E
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // Exports what is batched; the runtime's workers still run the exporters' channel.
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
+    code
 }
 
 /// Completes on SIGINT or SIGTERM.
@@ -463,6 +492,9 @@ fn check(args: CheckArgs) -> ExitCode {
     }
     if let Some(m) = &args.nla_logon {
         file.nla.logon = m.clone();
+    }
+    if let Some(m) = &args.nla_auth {
+        file.nla.auth = m.clone();
     }
     if let Some(r) = &args.realm {
         file.kerberos.realm = Some(r.clone());

@@ -68,6 +68,10 @@ pub struct FileConfig {
     pub history: crate::history::HistoryFile,
     /// `[sweep]`: the scheduled sweep of an inventory.
     pub sweep: crate::sweep::SweepFile,
+    /// `[siem]`: every audit record exported to the SIEM (syslog, OCSF).
+    pub siem: crate::siem::SiemFile,
+    /// `[otel]`: one OpenTelemetry trace per check, and logs, over OTLP.
+    pub otel: crate::otel::OtelFile,
 }
 
 /// `[nla]`: the NLA stage, run after a clean TLS stage when the server selected HYBRID or
@@ -83,6 +87,11 @@ pub struct NlaFile {
     /// or `expected_computer` matched the challenge); `always`: log on to any target, even an
     /// unauthenticated one (the behaviour before 0.2); `off`: never log on (default `auto`).
     pub logon: String,
+    /// How the logon authenticates: `ntlm`; `kerberos` (a ticket for `TERMSRV/<host>` from the
+    /// `[kerberos]` check, no password attempt; never NTLM); `negotiate` (Kerberos when a ticket
+    /// was obtained, else NTLM, the fallback recorded with its reason). Empty (default):
+    /// `negotiate` when `[kerberos]` is configured, else `ntlm`.
+    pub auth: String,
     /// CLOCK_SKEW above this offset between the target's clock and ours (default 300 s).
     pub clock_tolerance_secs: u64,
     /// Stage limit (default 5000 ms).
@@ -99,6 +108,7 @@ impl Default for NlaFile {
         NlaFile {
             enabled: true,
             logon: "auto".into(),
+            auth: String::new(),
             clock_tolerance_secs: 300,
             timeout_ms: 5000,
             guard_window_secs: 900,
@@ -388,6 +398,8 @@ pub struct Config {
     pub nla_enabled: bool,
     /// When the NLA stage logs on.
     pub nla_logon: NlaLogon,
+    /// `nla.auth`, resolved.
+    pub nla_auth: NlaAuth,
     /// The domains' NetBIOS and DNS names (`directory.domains`).
     pub domains: crate::guard::identity::Domains,
     /// CLOCK_SKEW threshold.
@@ -412,6 +424,10 @@ pub struct Config {
     pub history: crate::history::HistoryConfig,
     /// The scheduled sweep (`None`: no inventory).
     pub sweep: Option<crate::sweep::SweepConfig>,
+    /// SIEM export of the audit records (`None`: off).
+    pub siem: Option<crate::siem::SiemConfig>,
+    /// OpenTelemetry export (`None`: off).
+    pub otel: Option<crate::otel::OtelConfig>,
     /// The file mirror this was built from (for `config check`).
     pub file: FileConfig,
 }
@@ -473,7 +489,8 @@ impl FileConfig {
                 .with_list_parse_key("policy.allow_dns_suffixes")
                 .with_list_parse_key("policy.allow_ports")
                 .with_list_parse_key("directory.servers")
-                .with_list_parse_key("kerberos.kdcs"),
+                .with_list_parse_key("kerberos.kdcs")
+                .with_list_parse_key("kerberos.dns_servers"),
         );
         let merged = b.build().map_err(|e| ConfigError(e.to_string()))?;
         merged
@@ -680,6 +697,18 @@ impl FileConfig {
                     ))
                 }
             },
+            nla_auth: match (self.nla.auth.as_str(), self.kerberos.realm.is_some()) {
+                ("", true) | ("negotiate", true) => NlaAuth::Negotiate,
+                ("", false) | ("ntlm", _) => NlaAuth::Ntlm,
+                ("kerberos", true) => NlaAuth::Kerberos,
+                ("kerberos" | "negotiate", false) => return Err(err("nla.auth", "Kerberos needs [kerberos] realm")),
+                (other, _) => {
+                    return Err(err(
+                        "nla.auth",
+                        format!("{other:?}: use \"ntlm\", \"kerberos\" or \"negotiate\""),
+                    ))
+                }
+            },
             domains: self.directory.domains().map_err(ConfigError)?,
             nla_clock_tolerance: Duration::from_secs(self.nla.clock_tolerance_secs),
             nla_timeout: ms("nla.timeout_ms", self.nla.timeout_ms)?,
@@ -698,6 +727,23 @@ impl FileConfig {
                 }
                 store
             },
+            siem: {
+                let siem = self.siem.validate().map_err(ConfigError)?;
+                let audit_on = self.audit.dir.is_some() || self.audit.backend == "store";
+                if siem.is_some() && !audit_on {
+                    let key = if self.siem.syslog.is_some() {
+                        "siem.syslog"
+                    } else {
+                        "siem.file"
+                    };
+                    return Err(err(
+                        key,
+                        "the SIEM export sends what the audit log records: configure [audit] dir (or backend = \"store\")",
+                    ));
+                }
+                siem
+            },
+            otel: self.otel.validate().map_err(ConfigError)?,
             file: self.clone(),
         })
     }
@@ -712,6 +758,17 @@ pub enum NlaLogon {
     Always,
     /// Never: the challenge only.
     Off,
+}
+
+/// How the NLA logon authenticates (`nla.auth`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NlaAuth {
+    /// NTLMv2 (spends a password attempt, under the lockout guard).
+    Ntlm,
+    /// Kerberos with the service ticket only; no ticket, no logon.
+    Kerberos,
+    /// Kerberos when a ticket was obtained, else NTLM (recorded as a fallback).
+    Negotiate,
 }
 
 /// Parses a protocol name (`rdp`, `ssl`/`tls`, `hybrid`/`nla`, `rdstls`, `hybrid_ex`, `rdsaad`).

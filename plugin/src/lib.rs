@@ -17,11 +17,13 @@ pub mod history;
 pub mod kerberos;
 pub mod metrics;
 pub mod nla;
+pub mod otel;
 pub mod policy;
 pub mod probe;
 pub mod report;
 pub mod secret;
 pub mod service;
+pub mod siem;
 pub mod store;
 pub mod sweep;
 
@@ -129,6 +131,16 @@ pub async fn serve_with_ready(
     if let Some(s) = &store {
         metrics.set_store(s.clone());
     }
+    // The SIEM export follows the audit log: it is offered each record once it is recorded.
+    let siem = match (&cfg.siem, &audit) {
+        (Some(sc), Some(a)) => {
+            let x = siem::Exporter::start(sc.clone());
+            metrics.set_siem(x.stats());
+            a.export_to(x.clone());
+            Some(x)
+        }
+        _ => None,
+    };
     let history: Arc<dyn history::History> = match &store {
         Some(s) => Arc::new(store::history::PgHistory::new(s.clone(), cfg.history)),
         None => Arc::new(history::MemoryHistory::new(cfg.history)),
@@ -221,9 +233,12 @@ pub async fn serve_with_ready(
                 .await
         }
     };
-    // Drained: flush the audit log, then stop the admin listener.
+    // Drained: flush the audit log and the SIEM export, then stop the admin listener.
     if let Some(a) = audit {
         a.close().await;
+    }
+    if let Some(x) = siem {
+        x.close().await;
     }
     let _ = stop_admin.send(true);
     if let Some(h) = admin {

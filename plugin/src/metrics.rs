@@ -142,6 +142,8 @@ pub struct Metrics {
     start_time: f64,
     /// The shared store, when configured.
     store: std::sync::OnceLock<Arc<crate::store::Store>>,
+    /// The SIEM export, when configured.
+    siem: std::sync::OnceLock<Arc<crate::siem::SiemStats>>,
     /// The fleet's gauges, as last computed from the history (`None`: not yet).
     fleet: Mutex<Option<FleetGauges>>,
 }
@@ -234,6 +236,7 @@ impl Metrics {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
             store: std::sync::OnceLock::new(),
+            siem: std::sync::OnceLock::new(),
             fleet: Mutex::new(None),
         }
     }
@@ -241,6 +244,11 @@ impl Metrics {
     /// Sets the fleet's gauges.
     pub fn set_fleet(&self, g: FleetGauges) {
         *self.fleet.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(g);
+    }
+
+    /// Reports the SIEM export's deliveries, losses and queue.
+    pub fn set_siem(&self, stats: Arc<crate::siem::SiemStats>) {
+        let _ = self.siem.set(stats);
     }
 
     /// Reports the shared store's health, round trips, errors and refused reservations.
@@ -496,6 +504,9 @@ impl Metrics {
         if let Some(store) = self.store.get() {
             render_store(&mut out, store);
         }
+        if let Some(siem) = self.siem.get() {
+            render_siem(&mut out, siem);
+        }
         let fleet = self
             .fleet
             .lock()
@@ -548,6 +559,39 @@ fn render_fleet(out: &mut String, g: &FleetGauges) {
                 escape(value)
             );
         }
+    }
+}
+
+fn render_siem(out: &mut String, s: &crate::siem::SiemStats) {
+    use crate::siem::SiemStats;
+    for (name, kind, help, value) in [
+        (
+            "rdp_preflight_siem_events_sent_total",
+            "counter",
+            "Audit records delivered to the SIEM destination.",
+            SiemStats::get(&s.sent),
+        ),
+        (
+            "rdp_preflight_siem_events_undelivered_total",
+            "counter",
+            "Audit records not exported (queue full, too large, or queued at shutdown): replay them with `rdp-preflight audit export --since`.",
+            SiemStats::get(&s.undelivered),
+        ),
+        (
+            "rdp_preflight_siem_send_errors_total",
+            "counter",
+            "Failed connects and writes to the SIEM destination (each one retried with backoff).",
+            SiemStats::get(&s.errors),
+        ),
+        (
+            "rdp_preflight_siem_queue_depth",
+            "gauge",
+            "Audit records waiting to be exported.",
+            SiemStats::get(&s.depth),
+        ),
+    ] {
+        header(out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
     }
 }
 

@@ -304,6 +304,13 @@ pub struct NlaFacts {
     pub logon: String,
     /// NTSTATUS from a TSRequest errorCode.
     pub ntstatus: Option<u32>,
+    /// How the logon authenticated: "ntlm", "kerberos", or empty when none was attempted.
+    pub auth: String,
+    /// The Kerberos service principal the logon used (`TERMSRV/host@REALM`).
+    pub service_principal: String,
+    /// Why a logon that Kerberos was preferred for used NTLM (`nla.auth = "negotiate"`), or
+    /// why none was made (`"kerberos"`); empty otherwise.
+    pub auth_fallback: String,
 }
 
 /// Final verdict.

@@ -106,6 +106,9 @@ impl pb::preflight_server::Preflight for PreflightService {
             }
         }
         tracked.finish(&report);
+        if cfg.otel.is_some() {
+            crate::otel::record_check(&report);
+        }
         record_history(
             self.fleet.history(),
             Entry::new(&report, &host, port, account, Source::Gateway),
@@ -756,6 +759,9 @@ pub fn to_proto(r: &Report) -> pb::CheckReport {
             clock_offset_millis: r.nla.clock_offset_millis,
             logon: r.nla.logon.clone(),
             ntstatus: r.nla.ntstatus,
+            auth: r.nla.auth.clone(),
+            service_principal: r.nla.service_principal.clone(),
+            auth_fallback: r.nla.auth_fallback.clone(),
         }),
         plugin_version: env!("CARGO_PKG_VERSION").to_owned(),
     }

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod plugin;
 pub mod postgres;
+pub mod rsyslog;
 pub mod samba;
 pub mod shadow;
 pub mod slapd;

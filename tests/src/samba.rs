@@ -40,6 +40,17 @@ fn tool(name: &str) -> PathBuf {
 impl Samba {
     /// Provisions and starts a DC; returns once the KDC accepts connections.
     pub fn start() -> Samba {
+        Samba::start_opts(false)
+    }
+
+    /// The same with Samba's own DNS server on 127.0.0.1:53 (`server services` gains `dns`),
+    /// holding the domain's records: `_kerberos._tcp.example.test` SRV → `dc1.example.test` A
+    /// 127.0.0.1.
+    pub fn start_with_dns() -> Samba {
+        Samba::start_opts(true)
+    }
+
+    fn start_opts(dns: bool) -> Samba {
         let one = ONE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let dir = tempfile::Builder::new()
             .prefix("preflight-samba")
@@ -56,9 +67,18 @@ impl Samba {
                 "EXAMPLE",
                 "--server-role=dc",
             ])
-            .args(["--dns-backend=NONE", "--adminpass", ADMIN_PW, "--targetdir", &d])
+            .args(if dns {
+                &["--dns-backend=SAMBA_INTERNAL", "--host-ip=127.0.0.1", "--host-name=dc1"][..]
+            } else {
+                &["--dns-backend=NONE"][..]
+            })
+            .args(["--adminpass", ADMIN_PW, "--targetdir", &d])
             .args(["--option=interfaces = lo", "--option=bind interfaces only = yes"])
-            .args(["--option=server services = ldap, kdc"])
+            .arg(if dns {
+                "--option=server services = ldap, kdc, dns, rpc"
+            } else {
+                "--option=server services = ldap, kdc"
+            })
             .arg(format!("--option=pid directory = {d}/pid"))
             .output()
             .expect("samba-tool");
@@ -111,6 +131,31 @@ impl Samba {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        if dns {
+            // Provisioning leaves out the DC's A record for a loopback address: add it (over
+            // DCE/RPC, hence the `rpc` service).
+            let admin = format!("--password={ADMIN_PW}");
+            let t0 = Instant::now();
+            loop {
+                let args = ["dns", "add", "127.0.0.1", "example.test", "dc1", "A", "127.0.0.1"];
+                let out = Command::new(tool("samba-tool"))
+                    .args(args)
+                    .args(["-U", "Administrator", &admin, "-s"])
+                    .arg(s.dir.path().join("etc/smb.conf"))
+                    .output()
+                    .expect("samba-tool");
+                if out.status.success() {
+                    break;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "samba-tool dns add: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
         s
     }
 
@@ -150,6 +195,18 @@ impl Samba {
     /// Creates a user with a password.
     pub fn user(&self, name: &str, password: &str) {
         self.tool(&["user", "create", name, password]);
+    }
+
+    /// Adds `attribute: value` to an object (`samba-tool <kind> edit NAME`, kind `user` or
+    /// `computer`, with an editor that puts the line into the LDIF it is given).
+    pub fn add_attribute(&self, kind: &str, name: &str, attribute: &str, value: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let script = self.dir.path().join("append-editor.sh");
+        // After the dn line: the LDIF ends with a blank line that would start a new record.
+        let body = format!("#!/bin/sh\nsed -i '1a {attribute}: {value}' \"$1\"\n");
+        std::fs::write(&script, body).expect("editor script");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        self.tool(&[kind, "edit", name, &format!("--editor={}", script.display())]);
     }
 
     /// The user's badPwdCount and whether it is locked out (lockoutTime set).

@@ -1153,6 +1153,7 @@ fn operations_reference_lists_every_key_with_its_default_and_variable() {
 /// beside it. A new optional key needs a row here.
 fn sample(key: &str, pem: &str, secret: &str, tmp: &Path) -> (String, Vec<(&'static str, String)>) {
     let key_pem = tmp.join("server.key").to_string_lossy().into_owned();
+    let key_name = key;
     match key {
         "server.unix_socket" => (tmp.join("p.sock").to_string_lossy().into_owned(), vec![]),
         "server.tls_cert" => (pem.into(), vec![("server.tls_key", key_pem)]),
@@ -1201,8 +1202,64 @@ fn sample(key: &str, pem: &str, secret: &str, tmp: &Path) -> (String, Vec<(&'sta
             .expect("inventory");
             (p.to_string_lossy().into_owned(), vec![])
         }
+        "nla.auth" => ("ntlm".into(), vec![]),
+        "kerberos.dns_servers" => ("127.0.0.1:53".into(), vec![("kerberos.realm", "EXAMPLE.TEST".into())]),
+        "otel.endpoint" => ("http://127.0.0.1:4317".into(), vec![]),
+        "otel.ca_file" => (
+            pem.into(),
+            vec![("otel.endpoint", "https://collector.example.test:4317".into())],
+        ),
+        "siem.syslog" => (
+            "udp://127.0.0.1:514".into(),
+            vec![("audit.dir", "/tmp/rdp-preflight-deploy-test-audit".into())],
+        ),
+        "siem.file" => (
+            "/tmp/rdp-preflight-deploy-test-events.jsonl".into(),
+            vec![("audit.dir", "/tmp/rdp-preflight-deploy-test-audit".into())],
+        ),
+        "siem.ca_file" => (
+            pem.into(),
+            vec![
+                ("siem.syslog", "tls://siem.example.test:6514".into()),
+                ("audit.dir", "/tmp/rdp-preflight-deploy-test-audit".into()),
+            ],
+        ),
+        "siem.client_cert" | "siem.client_key" => {
+            let (cert, key) = client_pair(tmp);
+            let (value, other) = if key_name == "siem.client_cert" {
+                (cert, ("siem.client_key", key))
+            } else {
+                (key, ("siem.client_cert", cert))
+            };
+            (
+                value,
+                vec![
+                    other,
+                    ("siem.ca_file", pem.into()),
+                    ("siem.syslog", "tls://siem.example.test:6514".into()),
+                    ("audit.dir", "/tmp/rdp-preflight-deploy-test-audit".into()),
+                ],
+            )
+        }
         other => panic!("tests/tests/deploy.rs: add a sample value for {other} to sample()"),
     }
+}
+
+/// Keys a switch needs beside it to be valid when turned on.
+fn requires(key: &str) -> Vec<(&'static str, String)> {
+    match key {
+        "otel.logs" => vec![("otel.endpoint", "http://127.0.0.1:4317".into())],
+        _ => vec![],
+    }
+}
+
+/// A client certificate and its key (PEM files), for the mutual TLS samples of `[siem]`.
+fn client_pair(tmp: &Path) -> (String, String) {
+    let c = rcgen::generate_simple_self_signed(vec!["deploy-test-client.example".to_owned()]).expect("certificate");
+    let (cert, key) = (tmp.join("client.pem"), tmp.join("client.key"));
+    std::fs::write(&cert, c.cert.pem()).expect("client cert");
+    std::fs::write(&key, c.signing_key.serialize_pem()).expect("client key");
+    (cert.to_string_lossy().into_owned(), key.to_string_lossy().into_owned())
 }
 
 /// A guard key file (32 bytes or more) for the `[store]` samples.
@@ -1271,7 +1328,7 @@ fn every_documented_variable_is_accepted_and_takes_effect() {
             continue;
         }
         let (value, extra) = match &model[&d.key] {
-            Json::Bool(b) => ((!b).to_string(), vec![]),
+            Json::Bool(b) => ((!b).to_string(), requires(&d.key)),
             Json::Number(n) => ((n.as_u64().expect("unsigned") + 1).to_string(), vec![]),
             Json::String(s) => (s.clone(), vec![]),
             Json::Array(a) if !a.is_empty() => (

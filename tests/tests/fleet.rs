@@ -42,10 +42,19 @@ async fn default_scenario_every_row_matches_through_the_serve_binary() {
     let served = serve_binary(&config, &[]);
     // Rows whose credential only the target judges go to a plugin without a directory.
     let nla_only = serve_binary(&harness.write_nla_only_config().expect("config"), &[]);
+    // Kerberos rows go to a plugin whose credential check is the AS exchange with the sim's KDC.
+    let kerberos = serve_binary(
+        &harness
+            .write_kerberos_config()
+            .expect("config")
+            .expect("the default scenario has Kerberos rows"),
+        &[],
+    );
     let opts = PlayOptions {
         deadline: Duration::from_secs(30),
         jobs: 8,
         nla_only_plugin: Some(nla_only.endpoint()),
+        kerberos_plugin: Some(kerberos.endpoint()),
     };
     let rows = driver::play_with(&served.endpoint(), &scenario, &harness.env, &opts).await;
     let table = driver::format_table(&rows);
@@ -109,6 +118,7 @@ fn default_scenario_covers_the_probe_causes() {
         "NLA_ACCESS_DENIED",
         "NLA_NTLM_REFUSED",
         "TARGET_IDENTITY_MISMATCH",
+        "TARGET_SPN_MISSING",
         "CLOCK_SKEW",
     ] {
         assert!(have.iter().any(|h| h == want), "no default-scenario row expects {want}");

@@ -119,9 +119,16 @@ async fn as_exchange_against_samba() {
         "--must-change-at-next-login",
     ]);
     s.tool(&["computer", "create", "rdp01"]);
+    // A joined computer has a password (keys) and is enabled; without keys the KDC answers the
+    // TGS-REQ with KDC_ERR_ETYPE_NOSUPP (14).
+    s.tool(&["user", "setpassword", "rdp01$", "--newpassword=Machine-Pass-1!x"]);
+    s.tool(&["user", "enable", "rdp01$"]);
     s.tool(&["spn", "add", "TERMSRV/rdp01.example.test", "rdp01$"]);
     s.user("expired", "Expired-Pass-1!");
     s.tool(&["user", "setexpiry", "expired", "--days=0"]);
+    // logonHours: 21 bytes, one bit per hour of the week; all zero: never.
+    s.user("nightshift", "Night-Pass-1!");
+    s.add_attribute("user", "nightshift", "logonHours:", "AAAAAAAAAAAAAAAAAAAAAAAAAAAA");
     let c = Arc::new(checker(vec![s.kdc()]));
 
     let o = c.check(&cred("good", "EXAMPLE", "Good-Pass-1!"), None, &budget()).await;
@@ -163,6 +170,12 @@ async fn as_exchange_against_samba() {
         )
         .await;
     assert!(o.bind_succeeded && spn(&o).is_none(), "{o:?}\n{}", s.log());
+    // The KDC issued the service ticket (the NLA stage logs on with it).
+    let t = o
+        .service_ticket
+        .as_ref()
+        .unwrap_or_else(|| panic!("no service ticket: {o:?}"));
+    assert_eq!(t.principal, "TERMSRV/rdp01.example.test@EXAMPLE.TEST");
     for (host, ip) in [("192.0.2.10", true), ("alias.example.test", false)] {
         let o = c
             .check(&cred("good", "EXAMPLE", "Good-Pass-1!"), Some(host), &budget())
@@ -216,6 +229,13 @@ async fn as_exchange_against_samba() {
         .check(&cred("expired", "EXAMPLE", "Expired-Pass-1!"), None, &budget())
         .await;
     assert_eq!(cause(&o), Cause::CredAccountExpired, "{o:?}");
+
+    // Outside the logon hours (18 + 0xC000006F).
+    let o = c
+        .check(&cred("nightshift", "EXAMPLE", "Night-Pass-1!"), None, &budget())
+        .await;
+    assert_eq!(cause(&o), Cause::CredLogonHours, "{o:?}\n{}", s.log());
+    assert_eq!(evidence(&o, "ntstatus"), Some("0xC000006F"));
 
     // Locked by someone else's three bad passwords: then right and wrong passwords both get 18.
     for i in 0..3 {
@@ -295,4 +315,200 @@ async fn kdcs_that_refuse_are_unreachable() {
         .check(&cred("andr\u{e9}", "EXAMPLE", "Good-Pass-1!"), None, &budget())
         .await;
     assert!(o.internal.is_some() && o.findings.is_empty(), "{o:?}");
+}
+
+/// The simulated KDC answers as Windows does: disabled, locked and expired accounts are told
+/// before any password is spent (18 with KERB-EXT-ERROR), a wrong password is 24, a password
+/// that must change is 23 with 0xC0000224 after the right one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulated_kdc_tells_account_states_like_windows() {
+    use gateway_sim::{kdc::start_kdc, scenario::Account};
+    let account = |name: &str, state: &str| Account {
+        name: name.into(),
+        password: format!("{name}-Pass-1!"),
+        state: state.into(),
+        domain: None,
+    };
+    let accounts = [
+        account("good", "good"),
+        account("dave", "disabled"),
+        account("lou", "locked"),
+        account("mia", "must_change"),
+    ];
+    let kdc = start_kdc(&accounts, &["rdp01.simdom.test".into()]).await.expect("kdc");
+    let c = KerberosChecker::new(
+        KerberosFile {
+            realm: Some("SIMDOM.TEST".into()),
+            kdcs: vec![kdc.addr().to_string()],
+            timeout_ms: 3000,
+            ..Default::default()
+        }
+        .validate()
+        .expect("valid")
+        .expect("realm"),
+        Arc::new(Guard::memory(
+            Limits::new(Duration::from_secs(900), 1, Duration::ZERO),
+            1000,
+        )),
+        Domains::new([("SIMDOM", "simdom.test")]).expect("domains"),
+    );
+    let o = c
+        .check(
+            &cred("good", "SIMDOM", "good-Pass-1!"),
+            Some("rdp01.simdom.test"),
+            &budget(),
+        )
+        .await;
+    assert!(o.bind_succeeded, "{o:?}");
+    assert!(o.service_ticket.is_some(), "{o:?}");
+    assert_eq!(kdc.password_attempts(), 1);
+    let o = c
+        .check(&cred("good", "SIMDOM", "good-Pass-1!"), Some("10.0.0.5"), &budget())
+        .await;
+    assert!(o_has(&o, Cause::TargetSpnMissing), "{o:?}");
+    let o = c.check(&cred("good", "SIMDOM", "Wrong-1!"), None, &budget()).await;
+    assert_eq!(cause(&o), Cause::CredInvalid, "{o:?}");
+    assert_eq!(evidence(&o, "krb_error"), Some("24"));
+    let spent = kdc.password_attempts();
+    for (user, want, status) in [
+        ("dave", Cause::CredAccountDisabled, "0xC0000072"),
+        ("lou", Cause::CredAccountLocked, "0xC0000234"),
+    ] {
+        let o = c
+            .check(&cred(user, "SIMDOM", &format!("{user}-Pass-1!")), None, &budget())
+            .await;
+        assert_eq!(cause(&o), want, "{o:?}");
+        assert_eq!(evidence(&o, "ntstatus"), Some(status), "{o:?}");
+    }
+    assert_eq!(kdc.password_attempts(), spent, "told before any password was sent");
+    let o = c.check(&cred("mia", "SIMDOM", "mia-Pass-1!"), None, &budget()).await;
+    assert_eq!(cause(&o), Cause::CredPasswordMustChange, "{o:?}");
+    assert_eq!(evidence(&o, "ntstatus"), Some("0xC0000224"));
+}
+
+/// With `kerberos.kdcs` empty, the KDCs are the SRV records of `_kerberos._tcp.<realm>`, asked
+/// of Samba's own DNS server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kdcs_found_through_dns_srv() {
+    let s = tokio::task::block_in_place(Samba::start_with_dns);
+    s.user("good", "Good-Pass-1!");
+    let checker = |dns: &str| {
+        KerberosChecker::new(
+            KerberosFile {
+                realm: Some("example.test".into()),
+                dns_servers: vec![dns.into()],
+                timeout_ms: 3000,
+                ..Default::default()
+            }
+            .validate()
+            .expect("valid")
+            .expect("realm"),
+            Arc::new(Guard::memory(
+                Limits::new(Duration::from_secs(900), 1, Duration::ZERO),
+                1000,
+            )),
+            Domains::new([("EXAMPLE", "example.test")]).expect("domains"),
+        )
+    };
+    let c = checker("127.0.0.1:53");
+    let o = c.check(&cred("good", "EXAMPLE", "Good-Pass-1!"), None, &budget()).await;
+    assert!(o.bind_succeeded, "{o:?}\n{}", s.log());
+    assert_eq!(o.facts.directory_server, "127.0.0.1:88", "{o:?}");
+    // Asked again: from the kept answer (the same KDC).
+    let o = c
+        .check(&cred("good", "EXAMPLE", "Wrong-Pass-1!"), None, &budget())
+        .await;
+    assert_eq!(cause(&o), Cause::CredInvalid, "{o:?}");
+    // A DNS server that does not answer: DIRECTORY_UNREACHABLE naming DNS, no password sent.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let o = checker(&silent.local_addr().expect("addr").to_string())
+        .check(&cred("good", "EXAMPLE", "Good-Pass-1!"), None, &budget())
+        .await;
+    assert_eq!(cause(&o), Cause::DirectoryUnreachable, "{o:?}");
+    assert!(o.findings[0].message.contains("DNS"), "{o:?}");
+    assert!(
+        o.account.is_some() && o.facts.directory_server.is_empty(),
+        "no KDC was asked: {o:?}"
+    );
+}
+
+/// With a directory configured with `read_lockout_state`, the Kerberos check reads the account's
+/// badPwdCount and its PSO's threshold through LDAPS before the pre-authenticated request,
+/// exactly as before a bind: someone else's failures bring `pat` (PSO threshold 3) to the brink,
+/// and the next check refuses rather than lock it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kerberos_reads_the_lockout_state_first() {
+    use rdp_preflight::credential::{CredentialChecker, DirectoryFile};
+    let s = tokio::task::block_in_place(Samba::start);
+    s.user("pat", "Pat-Pass-1!");
+    s.tool(&[
+        "domain",
+        "passwordsettings",
+        "pso",
+        "create",
+        "lowlock",
+        "1",
+        "--account-lockout-threshold=3",
+        "--account-lockout-duration=10",
+        "--reset-account-lockout-after=10",
+    ]);
+    s.tool(&["domain", "passwordsettings", "pso", "apply", "lowlock", "pat"]);
+    // Two failures from elsewhere (a checker of its own, no directory).
+    for i in 0..2 {
+        let o = checker(vec![s.kdc()])
+            .check(&cred("pat", "EXAMPLE", &format!("Elsewhere-{i}!")), None, &budget())
+            .await;
+        assert_eq!(cause(&o), Cause::CredInvalid, "{o:?}");
+    }
+    assert_eq!(s.bad_pwd("pat"), (2, false));
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pw = tmp.path().join("svc.pw");
+    std::fs::write(&pw, format!("{}\n", integration_tests::samba::ADMIN_PW)).expect("write");
+    let guard = Arc::new(Guard::memory(
+        Limits::new(Duration::from_secs(900), 1, Duration::ZERO),
+        1000,
+    ));
+    let domains = Domains::new([("EXAMPLE", "example.test")]).expect("domains");
+    let ldap = Arc::new(CredentialChecker::new(
+        DirectoryFile {
+            servers: vec![s.ldaps_url()],
+            ca_file: Some(s.ca_file()),
+            bind_as: "upn".into(),
+            service_dn: Some("CN=Administrator,CN=Users,DC=example,DC=test".into()),
+            service_password_file: Some(pw),
+            search_base: Some("DC=example,DC=test".into()),
+            read_lockout_state: true,
+            ..Default::default()
+        }
+        .validate()
+        .expect("valid")
+        .expect("servers"),
+        guard.clone(),
+        domains.clone(),
+    ));
+    let c = KerberosChecker::new(
+        KerberosFile {
+            realm: Some("EXAMPLE.TEST".into()),
+            kdcs: vec![s.kdc()],
+            timeout_ms: 3000,
+            ..Default::default()
+        }
+        .validate()
+        .expect("valid")
+        .expect("realm"),
+        guard,
+        domains,
+    )
+    .with_directory(Some(ldap));
+    // One more failure would lock: refused before any password is sent, right or wrong.
+    for pw in ["Stale-9!", "Pat-Pass-1!"] {
+        let o = c.check(&cred("pat", "EXAMPLE", pw), None, &budget()).await;
+        assert_eq!(cause(&o), Cause::CredLockoutGuard, "{o:?}\n{}", s.log());
+        assert!(evidence(&o, "lockout_threshold") == Some("3"), "{o:?}");
+    }
+    assert_eq!(s.bad_pwd("pat"), (2, false), "nothing more was spent");
+    // A user far from the threshold passes the read and is proven by the AS exchange.
+    s.user("good", "Good-Pass-1!");
+    let o = c.check(&cred("good", "EXAMPLE", "Good-Pass-1!"), None, &budget()).await;
+    assert!(o.bind_succeeded, "{o:?}");
 }

@@ -1,4 +1,5 @@
-//! `rdp-preflight audit list | summary | verify | tail`: the security team's review tools.
+//! `rdp-preflight audit list | summary | verify | tail | export`: the security team's review
+//! tools, and the replay of a period to the SIEM.
 //!
 //! Exit status: 0 success, 1 a broken chain (verify) or an I/O error, 2 usage.
 
@@ -96,6 +97,22 @@ pub enum AuditCommand {
         /// Print the records' JSON lines exactly as stored.
         #[arg(long)]
         json: bool,
+    },
+    /// Send the records since a time to the `[siem]` destination of --config again, as the
+    /// plugin sends them (same event uids), or print the events with --stdout.
+    Export {
+        /// Where the audit files are (and, with --config, where the events go).
+        #[command(flatten)]
+        source: Source,
+        /// Records since: a duration back from now (`90m`, `24h`, `7d`) or an RFC 3339 time.
+        #[arg(long)]
+        since: String,
+        /// `ocsf` or `json` (default: `siem.format` of --config, else `ocsf`).
+        #[arg(long)]
+        format: Option<String>,
+        /// Print the events, one per line, instead of sending them.
+        #[arg(long)]
+        stdout: bool,
     },
 }
 
@@ -208,6 +225,91 @@ pub fn execute(cmd: AuditCommand, out: &mut dyn Write) -> Result<bool, CliError>
             }
             Ok(true)
         }
+        AuditCommand::Export {
+            source,
+            since,
+            format,
+            stdout,
+        } => export(&source, &since, format.as_deref(), stdout, out),
+    }
+}
+
+/// `audit export`: the records since `since`, to the SIEM destination or `out`.
+fn export(
+    source: &Source,
+    since: &str,
+    format: Option<&str>,
+    stdout: bool,
+    out: &mut dyn Write,
+) -> Result<bool, CliError> {
+    use crate::siem::{self, Destination, Format};
+    let usage = |e: String| CliError::Usage(e);
+    let siem_cfg = match &source.config {
+        Some(p) => {
+            crate::config::Config::load(Some(p))
+                .map_err(|e| usage(format!("--config {}: {e}", p.display())))?
+                .siem
+        }
+        None => None,
+    };
+    let format = match format {
+        Some(f) => Format::parse(f, "--format").map_err(usage)?,
+        None => siem_cfg.as_ref().map_or(Format::Ocsf, |c| c.format),
+    };
+    let destination = match (&siem_cfg, stdout) {
+        (_, true) => None,
+        (Some(c), false) => Some(c.clone()),
+        (None, false) => {
+            return Err(usage(
+                "no destination: pass --config FILE with a [siem] syslog or file, or --stdout".into(),
+            ))
+        }
+    };
+    let src = resolve(source)?;
+    let filter = Filter::new(Some(since), None, None, None, None, now())?;
+    let entries = chain::read_dir(src.dir(), |r| filter.matches(r)).map_err(io_err)?;
+    let Some(cfg) = destination else {
+        for e in &entries {
+            if let Some(b) = siem::encode(&e.record, format, &Destination::Stdout, "", 0) {
+                out.write_all(&b).map_err(io_err)?;
+            }
+        }
+        return Ok(true);
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_err)?;
+    let (host, pid) = (siem::hostname(), std::process::id());
+    let described = cfg.destination.describe();
+    let (sent, skipped, failure) = rt.block_on(async {
+        let mut conn = siem::Connection::new(cfg.destination.clone(), cfg.timeout);
+        let (mut sent, mut skipped) = (0usize, 0usize);
+        for e in &entries {
+            let Some(b) = siem::encode(&e.record, format, &cfg.destination, &host, pid).filter(|b| conn.fits(b)) else {
+                skipped += 1;
+                continue;
+            };
+            if let Err(err) = conn.send(&b).await {
+                return (sent, skipped, Some((e.record.check_id.clone(), err)));
+            }
+            sent += 1;
+        }
+        conn.close().await;
+        (sent, skipped, None)
+    });
+    let total = entries.len();
+    match failure {
+        None => {
+            writeln!(out, "exported {sent} of {total} record(s) to {described}").map_err(io_err)?;
+            if skipped > 0 {
+                writeln!(out, "{skipped} record(s) too large for a datagram were not sent").map_err(io_err)?;
+            }
+            Ok(skipped == 0)
+        }
+        Some((check_id, err)) => Err(CliError::Io(format!(
+            "{described}: {err}: sent {sent} of {total} record(s); stopped at check {check_id}"
+        ))),
     }
 }
 

@@ -234,6 +234,8 @@ pub struct Receipt {
     pub seq: u64,
     /// SHA-256 of its line (the next record's `prev`).
     pub hash: String,
+    /// Its `prev` (the previous record's hash).
+    pub prev: String,
 }
 
 /// Counters of the writer (for tests and the metrics).
@@ -276,6 +278,8 @@ struct Inner {
     all_checks: bool,
     dir: PathBuf,
     stats: Arc<AuditStats>,
+    /// The SIEM export, offered every acknowledged record.
+    export: std::sync::OnceLock<crate::siem::Exporter>,
 }
 
 /// The audit log: a handle on the writer thread; cheap to clone.
@@ -322,6 +326,7 @@ impl AuditLog {
                 all_checks,
                 dir,
                 stats,
+                export: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -381,6 +386,7 @@ impl AuditLog {
                 all_checks: cfg.all_checks,
                 dir: cfg.dir,
                 stats,
+                export: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -395,15 +401,28 @@ impl AuditLog {
         self.append(rec).await.map(|_| ())
     }
 
-    /// Like [`AuditLog::record`], returning where the record is.
+    /// Like [`AuditLog::record`], returning where the record is. Once acknowledged, the record
+    /// (with its `seq` and `prev`) is offered to the SIEM export, which never makes it wait.
     pub async fn append(&self, rec: AuditRecord) -> Result<Receipt, AuditError> {
+        let exported = self.inner.export.get().map(|x| (x, rec.clone()));
         let (ack, done) = oneshot::channel();
         self.inner
             .tx
             .send(Msg::Record(Box::new(rec), ack))
             .await
             .map_err(|_| AuditError::Closed)?;
-        done.await.map_err(|_| AuditError::Closed)?
+        let receipt = done.await.map_err(|_| AuditError::Closed)??;
+        if let Some((x, mut rec)) = exported {
+            rec.seq = receipt.seq;
+            rec.prev.clone_from(&receipt.prev);
+            x.offer(rec);
+        }
+        Ok(receipt)
+    }
+
+    /// Offers every record acknowledged from now on to `exporter` (set once).
+    pub fn export_to(&self, exporter: crate::siem::Exporter) {
+        let _ = self.inner.export.set(exporter);
     }
 
     /// Writes what is queued, syncs, and stops the writer. Later `record` calls on clones
@@ -748,6 +767,7 @@ impl Writer {
                 Receipt {
                     seq,
                     hash: hash.clone(),
+                    prev: prev.clone(),
                 },
             ));
             prev = hash;

@@ -55,6 +55,9 @@ pub struct CredentialOutcome {
     /// Our own side failed (an encoder or crypto library error): the check answers an internal
     /// error, never a credential cause.
     pub internal: Option<String>,
+    /// The ticket for `TERMSRV/<host>` when the Kerberos check obtained one: the NLA stage logs
+    /// on with it (no password attempt) instead of NTLM.
+    pub service_ticket: Option<Arc<crate::kerberos::messages::ServiceTicket>>,
 }
 
 struct PooledConn {
@@ -168,6 +171,9 @@ pub fn bind_identity(bind_as: &BindAs, user: &str, domain: &str) -> Option<Strin
 struct Ctx {
     facts: CredentialFacts,
     account: Option<AccountKey>,
+    /// Only the service account's reads (the lockout state before another protocol's
+    /// attempt): no reservation, no bind.
+    read_only: bool,
 }
 
 impl Ctx {
@@ -202,6 +208,21 @@ impl Ctx {
             detail,
             account: self.account,
             internal: None,
+            service_ticket: None,
+        }
+    }
+
+    /// The outcome of a read-only pass that found nothing against the attempt.
+    fn read_ok(self) -> CredentialOutcome {
+        CredentialOutcome {
+            status: StageStatus::Ok,
+            findings: Vec::new(),
+            facts: self.facts,
+            bind_succeeded: false,
+            detail: "lockout state read".into(),
+            account: self.account,
+            internal: None,
+            service_ticket: None,
         }
     }
 
@@ -240,10 +261,18 @@ impl Ctx {
                     detail,
                     account: self.account,
                     internal: None,
+                    service_ticket: None,
                 }
             }
         }
     }
+}
+
+fn unreachable_directory() -> Finding {
+    Finding::new(
+        Cause::DirectoryUnreachable,
+        "the directory closed the connection before the lockout state could be read",
+    )
 }
 
 fn new_ctx() -> Ctx {
@@ -253,6 +282,7 @@ fn new_ctx() -> Ctx {
             ..Default::default()
         },
         account: None,
+        read_only: false,
     }
 }
 
@@ -376,6 +406,52 @@ impl CredentialChecker {
                 }
             }
         }
+    }
+
+    /// With `read_lockout_state`, before another protocol (the Kerberos AS exchange) spends an
+    /// attempt of the account: reads its failure count and threshold with the service account,
+    /// exactly as before a bind, counting the attempts in flight under `account` (the caller
+    /// holds a reservation there). `Err`: the finding that refuses the attempt
+    /// (`CRED_LOCKOUT_GUARD`, no such account, or the read failing: never fail open). Without
+    /// `read_lockout_state`: `Ok` at once. Never binds as the account.
+    pub async fn read_lockout_before(
+        &self,
+        cred: &Credential,
+        account: AccountKey,
+        budget: &Budget,
+    ) -> Result<(), Finding> {
+        if !self.cfg.read_lockout_state {
+            return Ok(());
+        }
+        let (user, domain) = (cred.username.trim(), cred.domain.trim());
+        let mut pooled = self.take_pooled();
+        for _ in 0..2 {
+            let mut ctx = new_ctx();
+            ctx.account = Some(account);
+            ctx.read_only = true;
+            if let Some(id) = bind_identity(&self.cfg.bind_as, user, domain) {
+                ctx.facts.bind_identity = id;
+            }
+            let conn = match pooled.take() {
+                Some(c) => c,
+                None => match self.connect_any(budget, &mut ctx).await {
+                    Ok(c) => c,
+                    Err(o) => return Err(o.findings.into_iter().next().unwrap_or_else(unreachable_directory)),
+                },
+            };
+            let mut no_ticket = None;
+            match self
+                .check_on(conn, cred, user, domain, budget, &mut ctx, &mut no_ticket)
+                .await
+            {
+                Step::Done(o) if o.status == StageStatus::Failed => {
+                    return Err(o.findings.into_iter().next().unwrap_or_else(unreachable_directory))
+                }
+                Step::Done(_) => return Ok(()),
+                Step::Retry => continue,
+            }
+        }
+        Err(unreachable_directory())
     }
 
     fn take_pooled(&self) -> Option<PooledConn> {
@@ -643,7 +719,7 @@ impl CredentialChecker {
                 let dn = entry.as_ref().map(|e| e.dn.clone()).unwrap_or_default();
                 ctx.facts.bind_identity = dn.clone();
                 // The DN the directory authenticates is the account, whatever the spelling.
-                if ticket.is_none() {
+                if ticket.is_none() && !ctx.read_only {
                     let account = self.guard.account(&identity::dn(&dn));
                     ctx.account = Some(account);
                     match self
@@ -684,6 +760,16 @@ impl CredentialChecker {
                     }
                 }
             }
+        }
+        if ctx.read_only {
+            // No bind from here: the state was read and allows the other protocol's attempt,
+            // or no entry was found to read it from (refused: never fail open).
+            self.put_back(conn);
+            let ctx = take(ctx);
+            return Step::done(match entry {
+                Some(_) => ctx.read_ok(),
+                None => ctx.failed(unreadable("the account's entry was not found")),
+            });
         }
 
         // The bind itself, with the password-policy request control, under the reservation.
@@ -922,6 +1008,7 @@ fn judge(ctx: Ctx, rc: u32, text: &str, data: Option<&str>, pp: PpolicyResponse)
             detail,
             account: ctx.account,
             internal: None,
+            service_ticket: None,
         };
         return (outcome, guard);
     }

@@ -8,19 +8,19 @@ use picky_asn1::{
     restricted_string::Ia5String,
     wrapper::{
         Asn1SequenceOf, ExplicitContextTag0, ExplicitContextTag1, ExplicitContextTag2, ExplicitContextTag3,
-        ExplicitContextTag4, ExplicitContextTag5, ExplicitContextTag7, ExplicitContextTag8, GeneralStringAsn1,
-        GeneralizedTimeAsn1, IntegerAsn1, OctetStringAsn1, Optional,
+        ExplicitContextTag4, ExplicitContextTag5, ExplicitContextTag6, ExplicitContextTag7, ExplicitContextTag8,
+        GeneralStringAsn1, GeneralizedTimeAsn1, IntegerAsn1, OctetStringAsn1, Optional,
     },
 };
 use picky_krb::{
     crypto::{ChecksumSuite, CipherSuite},
     data_types::{
-        Authenticator, AuthenticatorInner, Checksum, EncryptedData, EtypeInfo2, KerberosFlags, PaData, PaEncTsEnc,
-        PrincipalName, Ticket,
+        Authenticator, AuthenticatorInner, Checksum, EncApRepPart, EncryptedData, EncryptionKey, EtypeInfo2,
+        KerberosFlags, PaData, PaEncTsEnc, PrincipalName, Ticket,
     },
     messages::{
-        ApReq, ApReqInner, AsRep, AsReq, EncAsRepPart, EncKdcRepPart, EncTgsRepPart, KdcReq, KdcReqBody, KrbError,
-        TgsReq,
+        ApRep, ApReq, ApReqInner, AsRep, AsReq, EncAsRepPart, EncKdcRepPart, EncTgsRepPart, KdcReq, KdcReqBody,
+        KrbError, TgsRep, TgsReq,
     },
 };
 
@@ -97,7 +97,9 @@ pub struct AsReqInput<'a> {
     pub now: UnixSecs,
 }
 
-/// KDC-REQ-BODY: forwardable, renewable, canonicalize; a ticket for ten hours; AES etypes.
+/// KDC-REQ-BODY: for an AS-REQ forwardable, renewable and canonicalize; for a TGS-REQ
+/// canonicalize only (renewable or forwardable on a TGT that is not is KDC_ERR_BADOPTION); a
+/// ticket for ten hours; AES etypes.
 fn req_body(
     input: &AsReqInput<'_>,
     cname: Option<PrincipalName>,
@@ -105,8 +107,9 @@ fn req_body(
 ) -> Result<KdcReqBody, KrbMsgError> {
     // forwardable (1), renewable (8), canonicalize (15)
     let mut flags = picky_asn1::bit_string::BitString::with_len(32);
-    for bit in [1, 8, 15] {
-        flags.set(bit, true);
+    let bits: &[usize] = if cname.is_some() { &[1, 8, 15] } else { &[15] };
+    for bit in bits {
+        flags.set(*bit, true);
     }
     Ok(KdcReqBody {
         kdc_options: ExplicitContextTag0::from(KerberosFlags::from(flags)),
@@ -298,7 +301,7 @@ fn kerb_ext_error(data: &[u8]) -> Option<u32> {
 }
 
 /// One DER TLV: (tag, value, rest). Definite lengths up to 4 bytes only.
-fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+pub(crate) fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let tag = *b.first()?;
     let first = *b.get(1)?;
     let (len, hdr) = if first < 0x80 {
@@ -448,6 +451,154 @@ pub fn read_tgs_answer(bytes: &[u8]) -> Result<Option<KdcError>, KrbMsgError> {
         Some(b) => Err(KrbMsgError::Malformed(format!("first byte 0x{b:02x}"))),
         None => Err(KrbMsgError::Malformed("empty answer".into())),
     }
+}
+
+/// A ticket for a service (from a TGS-REP) and the session key it shares with that service:
+/// what the NLA stage's Kerberos logon presents (AP-REQ) instead of a password.
+#[derive(Clone)]
+pub struct ServiceTicket {
+    pub(crate) ticket: Ticket,
+    pub(crate) session_key: zeroize::Zeroizing<Vec<u8>>,
+    pub(crate) etype: u8,
+    /// The client's realm (upper case) and name, as asked in the AS-REQ.
+    pub realm: String,
+    /// The client's name.
+    pub user: String,
+    /// The service, `TERMSRV/host@REALM`.
+    pub principal: String,
+}
+
+impl std::fmt::Debug for ServiceTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceTicket")
+            .field("principal", &self.principal)
+            .field("client", &format_args!("{}@{}", self.user, self.realm))
+            .field("etype", &self.etype)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads a TGS-REP: the service ticket, and its session key from the enc-part decrypted with
+/// the TGT's session key (key usage 8).
+pub fn read_tgs_rep(bytes: &[u8], tgt: &Tgt) -> Result<(Ticket, Vec<u8>, u8), KrbMsgError> {
+    let rep: TgsRep = picky_asn1_der::from_bytes(bytes).map_err(|e| KrbMsgError::Malformed(e.to_string()))?;
+    let enc = &rep.0.enc_part.0;
+    let etype = u8::try_from(integer_u32(&enc.etype.0)).unwrap_or(0);
+    let cipher = suite(etype)
+        .ok_or_else(|| KrbMsgError::Malformed(format!("TGS-REP enc-part etype {etype}")))?
+        .cipher();
+    let plain = cipher
+        .decrypt(&tgt.session_key, 8, &enc.cipher.0 .0)
+        .map_err(|e| KrbMsgError::Malformed(format!("TGS-REP enc-part does not decrypt: {e}")))?;
+    let part: EncKdcRepPart = picky_asn1_der::from_bytes::<EncTgsRepPart>(&plain)
+        .map(|p| p.0)
+        .or_else(|_| picky_asn1_der::from_bytes::<EncAsRepPart>(&plain).map(|p| p.0))
+        .map_err(|e| KrbMsgError::Malformed(e.to_string()))?;
+    let key_etype = u8::try_from(integer_u32(&part.key.0.key_type.0)).unwrap_or(0);
+    if suite(key_etype).is_none() {
+        return Err(KrbMsgError::Malformed(format!("service session key etype {key_etype}")));
+    }
+    Ok((rep.0.ticket.0.clone(), part.key.0.key_value.0 .0.clone(), key_etype))
+}
+
+/// GSS checksum flags (RFC 4121 4.1.1.1) the NLA logon asks for: mutual authentication,
+/// replay and sequence detection, confidentiality and integrity.
+pub const GSS_FLAGS: u32 = 0x02 | 0x04 | 0x08 | 0x10 | 0x20;
+
+/// An AP-REQ for `st` (key usage 11): mutual authentication required, the authenticator with
+/// the GSS checksum (type 0x8003, no channel bindings), our `subkey` and initial sequence
+/// number `seq`. `now`/`usec` come back in the AP-REP.
+pub fn ap_req(st: &ServiceTicket, now: UnixSecs, usec: u32, subkey: &[u8], seq: u32) -> Result<Vec<u8>, KrbMsgError> {
+    let mut gss = Vec::with_capacity(24);
+    gss.extend_from_slice(&16u32.to_le_bytes());
+    gss.extend_from_slice(&[0u8; 16]);
+    gss.extend_from_slice(&GSS_FLAGS.to_le_bytes());
+    let auth = Authenticator::from(AuthenticatorInner {
+        authenticator_vno: ExplicitContextTag0::from(IntegerAsn1::from(vec![5])),
+        crealm: ExplicitContextTag1::from(kstr(&st.realm)?),
+        cname: ExplicitContextTag2::from(principal(1, &[st.user.as_str()])?),
+        cksum: Optional::from(Some(ExplicitContextTag3::from(Checksum {
+            cksumtype: ExplicitContextTag0::from(int(0x8003)),
+            checksum: ExplicitContextTag1::from(OctetStringAsn1::from(gss)),
+        }))),
+        cusec: ExplicitContextTag4::from(int(usec % 1_000_000)),
+        ctime: ExplicitContextTag5::from(time(now)?),
+        subkey: Optional::from(Some(ExplicitContextTag6::from(EncryptionKey {
+            key_type: ExplicitContextTag0::from(IntegerAsn1::from(vec![st.etype])),
+            key_value: ExplicitContextTag1::from(OctetStringAsn1::from(subkey.to_vec())),
+        }))),
+        seq_number: Optional::from(Some(ExplicitContextTag7::from(int(seq)))),
+        authorization_data: Optional::from(None),
+    });
+    let sealed = suite(st.etype)
+        .ok_or_else(|| KrbMsgError::Internal("service session key etype".into()))?
+        .cipher()
+        .encrypt(&st.session_key, 11, &der_of(&auth)?)
+        .map_err(|e| KrbMsgError::Internal(e.to_string()))?;
+    // mutual-required (bit 2)
+    let mut options = picky_asn1::bit_string::BitString::with_len(32);
+    options.set(2, true);
+    der_of(&ApReq::from(ApReqInner {
+        pvno: ExplicitContextTag0::from(IntegerAsn1::from(vec![5])),
+        msg_type: ExplicitContextTag1::from(IntegerAsn1::from(vec![14])),
+        ap_options: ExplicitContextTag2::from(KerberosFlags::from(options)),
+        ticket: ExplicitContextTag3::from(st.ticket.clone()),
+        authenticator: ExplicitContextTag4::from(EncryptedData {
+            etype: ExplicitContextTag0::from(IntegerAsn1::from(vec![st.etype])),
+            kvno: Optional::from(None),
+            cipher: ExplicitContextTag2::from(OctetStringAsn1::from(sealed)),
+        }),
+    }))
+}
+
+/// What the service's AP-REP says (key usage 12): our time echoed, and the acceptor's subkey
+/// and sequence number when it chose them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApRepPart {
+    /// The authenticator's ctime, echoed.
+    pub ctime: UnixSecs,
+    /// The authenticator's cusec, echoed.
+    pub cusec: u32,
+    /// The acceptor's subkey (etype, key), if any.
+    pub subkey: Option<(u8, zeroize::Zeroizing<Vec<u8>>)>,
+    /// The acceptor's initial sequence number, if any.
+    pub seq: Option<u32>,
+}
+
+impl std::fmt::Debug for ApRepPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApRepPart")
+            .field("ctime", &self.ctime)
+            .field("cusec", &self.cusec)
+            .field("subkey", &self.subkey.as_ref().map(|(e, _)| e))
+            .field("seq", &self.seq)
+            .finish()
+    }
+}
+
+/// Reads an AP-REP from the service: decrypted with the service session key (key usage 12).
+/// A part that does not decrypt is the mutual authentication failing.
+pub fn read_ap_rep(bytes: &[u8], st: &ServiceTicket) -> Result<ApRepPart, KrbMsgError> {
+    let rep: ApRep = picky_asn1_der::from_bytes(bytes).map_err(|e| KrbMsgError::Malformed(e.to_string()))?;
+    let enc = &rep.0.enc_part.0;
+    let plain = suite(st.etype)
+        .ok_or_else(|| KrbMsgError::Internal("service session key etype".into()))?
+        .cipher()
+        .decrypt(&st.session_key, 12, &enc.cipher.0 .0)
+        .map_err(|e| KrbMsgError::Malformed(format!("AP-REP does not decrypt with the service session key: {e}")))?;
+    let part: EncApRepPart = picky_asn1_der::from_bytes(&plain).map_err(|e| KrbMsgError::Malformed(e.to_string()))?;
+    let p = part.0;
+    Ok(ApRepPart {
+        ctime: unix(&p.ctime.0).ok_or_else(|| KrbMsgError::Malformed("AP-REP ctime".into()))?,
+        cusec: integer_u32(&p.cusec.0),
+        subkey: p.subkey.0.map(|k| {
+            (
+                u8::try_from(integer_u32(&k.0.key_type.0)).unwrap_or(0),
+                zeroize::Zeroizing::new(k.0.key_value.0 .0.clone()),
+            )
+        }),
+        seq: p.seq_number.0.map(|s| integer_u32(&s.0)),
+    })
 }
 
 /// Frames a message for TCP: a 4-byte big-endian length first (RFC 4120 7.2.2).

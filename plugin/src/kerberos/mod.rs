@@ -16,8 +16,9 @@
 //!    (TGS-REQ): KDC_ERR_S_PRINCIPAL_UNKNOWN (7) is TARGET_SPN_MISSING.
 //!
 //! KDCs are tried in order over TCP; the next only when one cannot be reached, never after an
-//! answer. Every read and write runs under the check's budget and `kerberos.timeout_ms`.
+//! answer. Without `kdcs`, they are the realm's SRV records ([`dns`]). Every read and write runs under the check's budget and `kerberos.timeout_ms`.
 
+pub mod dns;
 pub mod messages;
 
 use std::{sync::Arc, time::Duration};
@@ -38,14 +39,28 @@ use crate::{
 };
 use messages::{AsAnswer, AsReqInput, KdcError};
 
+/// What the TERMSRV check found.
+enum Spn {
+    /// The KDC issued the service ticket: Kerberos to this name works.
+    Ticket(Arc<messages::ServiceTicket>),
+    /// KDC_ERR_S_PRINCIPAL_UNKNOWN: TARGET_SPN_MISSING.
+    Missing(Finding),
+    /// Not known (no answer, another error): said in the stage's detail.
+    Unknown(String),
+}
+
 /// `[kerberos]`, as written in the config file.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KerberosFile {
     /// The realm (`EXAMPLE.TEST`); set, the credential is proven by an AS exchange.
     pub realm: Option<String>,
-    /// KDCs as `host:port` (port 88 by default), tried in order.
+    /// KDCs as `host:port` (port 88 by default), tried in order; empty: the SRV records of
+    /// `_kerberos._tcp.<realm>`.
     pub kdcs: Vec<String>,
+    /// DNS servers (`ip:port`) asked for those SRV records; empty: the `nameserver` lines of
+    /// `/etc/resolv.conf`.
+    pub dns_servers: Vec<String>,
     /// Limit for each exchange with a KDC (default 3000 ms).
     pub timeout_ms: u64,
     /// Prove the credential by AS exchange (default true).
@@ -63,6 +78,7 @@ impl Default for KerberosFile {
         KerberosFile {
             realm: None,
             kdcs: Vec::new(),
+            dns_servers: Vec::new(),
             timeout_ms: 3000,
             credential_check: true,
             spn_check: true,
@@ -76,8 +92,10 @@ impl Default for KerberosFile {
 pub struct KerberosConfig {
     /// Upper case.
     pub realm: String,
-    /// (host, port).
+    /// (host, port); empty: found through DNS SRV.
     pub kdcs: Vec<(String, u16)>,
+    /// DNS servers for the SRV lookup (when `kdcs` is empty).
+    pub dns_servers: Vec<String>,
     /// Per exchange.
     pub timeout: Duration,
     /// Prove the credential by AS exchange.
@@ -96,13 +114,6 @@ impl KerberosFile {
         };
         if !realm.is_ascii() || realm.contains(['/', '@', ' ']) {
             return Err(format!("kerberos.realm: {realm:?} is not a realm name"));
-        }
-        if self.kdcs.is_empty() {
-            return Err(
-                "kerberos.kdcs: required (finding the KDCs through DNS SRV records is not supported): \
-                 list them as [\"dc1.example.test:88\"]"
-                    .into(),
-            );
         }
         let mut kdcs = Vec::new();
         for (i, k) in self.kdcs.iter().enumerate() {
@@ -132,9 +143,29 @@ impl KerberosFile {
         if self.timeout_ms == 0 {
             return Err("kerberos.timeout_ms: must be > 0".into());
         }
+        let mut dns_servers = Vec::new();
+        for (i, s) in self.dns_servers.iter().enumerate() {
+            let s = s.trim();
+            let ok = s.parse::<std::net::SocketAddr>().is_ok();
+            if !ok {
+                return Err(format!("kerberos.dns_servers[{i}]: {s:?} is not ip:port"));
+            }
+            dns_servers.push(s.to_owned());
+        }
+        if kdcs.is_empty() && dns_servers.is_empty() {
+            dns_servers = dns::nameservers(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+            if dns_servers.is_empty() {
+                return Err(
+                    "kerberos.kdcs: empty and /etc/resolv.conf names no DNS server for the SRV lookup: \
+                     list the KDCs, or set kerberos.dns_servers"
+                        .into(),
+                );
+            }
+        }
         Ok(Some(KerberosConfig {
             realm: realm.to_ascii_uppercase(),
             kdcs,
+            dns_servers,
             timeout: Duration::from_millis(self.timeout_ms),
             credential_check: self.credential_check,
             spn_check: self.spn_check,
@@ -155,7 +186,14 @@ pub struct KerberosChecker {
     cfg: KerberosConfig,
     guard: Arc<Guard>,
     domains: Domains,
+    /// KDCs found through DNS, and until when they may be used.
+    discovered: std::sync::Mutex<Option<Discovered>>,
+    /// The directory, for `read_lockout_state` before the pre-authenticated request.
+    ldap: Option<Arc<crate::credential::CredentialChecker>>,
 }
+
+/// KDCs from DNS and the instant they expire.
+type Discovered = (std::time::Instant, Vec<(String, u16)>);
 
 impl std::fmt::Debug for KerberosChecker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -223,7 +261,53 @@ fn cause_of(e: &KdcError) -> (Cause, &'static str, bool) {
 impl KerberosChecker {
     /// A checker spending attempts through `guard`.
     pub fn new(cfg: KerberosConfig, guard: Arc<Guard>, domains: Domains) -> Self {
-        KerberosChecker { cfg, guard, domains }
+        KerberosChecker {
+            cfg,
+            guard,
+            domains,
+            discovered: std::sync::Mutex::new(None),
+            ldap: None,
+        }
+    }
+
+    /// Reads the account's lockout state through `ldap` (when its `read_lockout_state` is set)
+    /// before each pre-authenticated request, as before a bind.
+    pub fn with_directory(mut self, ldap: Option<Arc<crate::credential::CredentialChecker>>) -> Self {
+        self.ldap = ldap;
+        self
+    }
+
+    /// The KDCs to try: the configured ones, else those of the realm's SRV records (kept for
+    /// their TTL, at least a minute and at most an hour).
+    async fn kdcs(&self, budget: &Budget) -> Result<Vec<(String, u16)>, String> {
+        if !self.cfg.kdcs.is_empty() {
+            return Ok(self.cfg.kdcs.clone());
+        }
+        let now = std::time::Instant::now();
+        if let Ok(g) = self.discovered.lock() {
+            if let Some((_, kdcs)) = g.as_ref().filter(|(until, _)| *until > now) {
+                return Ok(kdcs.clone());
+            }
+        }
+        let found = budget
+            .run(
+                self.cfg.timeout,
+                dns::lookup(&self.cfg.realm, &self.cfg.dns_servers, self.cfg.timeout),
+            )
+            .await
+            .map_err(|_| "the DNS lookup of the KDCs ran out of time".to_owned())??;
+        let (kdcs, ttl) = found;
+        if kdcs.is_empty() {
+            return Err(format!(
+                "_kerberos._tcp.{} has no SRV records",
+                self.cfg.realm.to_ascii_lowercase()
+            ));
+        }
+        let keep = Duration::from_secs(u64::from(ttl).clamp(60, 3600));
+        if let Ok(mut g) = self.discovered.lock() {
+            *g = Some((now + keep, kdcs.clone()));
+        }
+        Ok(kdcs)
     }
 
     /// The config.
@@ -263,7 +347,7 @@ impl KerberosChecker {
         host: &str,
         kdc: &(String, u16),
         budget: &Budget,
-    ) -> Option<Finding> {
+    ) -> Spn {
         let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
         let principal = format!("TERMSRV/{host}@{}", self.cfg.realm);
         let (t, us) = now();
@@ -281,14 +365,14 @@ impl KerberosChecker {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "TERMSRV check not made");
-                return None;
+                return Spn::Unknown(format!("TGS-REQ not built: {e}"));
             }
         };
-        let answer = match self.exchange(kdc, &msg, budget).await {
-            Ok(b) => messages::read_tgs_answer(&b),
+        let (answer, bytes) = match self.exchange(kdc, &msg, budget).await {
+            Ok(b) => (messages::read_tgs_answer(&b), b),
             Err(_) => {
                 tracing::warn!(kdc = %kdc.0, "TERMSRV check: no answer from the KDC");
-                return None;
+                return Spn::Unknown(format!("no answer from the KDC {} to the TGS-REQ", kdc.0));
             }
         };
         match answer {
@@ -300,7 +384,7 @@ impl KerberosChecker {
                 if ip {
                     msg.push_str("; the gateway dials an IP address: dial the DNS name registered in AD instead");
                 }
-                Some(
+                Spn::Missing(
                     Finding::new(Cause::TargetSpnMissing, msg)
                         .at(crate::cause::Stage::Nla)
                         .with("principal", &principal)
@@ -310,12 +394,25 @@ impl KerberosChecker {
             }
             Ok(Some(e)) => {
                 tracing::info!(code = e.code, principal = %principal, "TERMSRV check: the KDC answered an error");
-                None
+                Spn::Unknown(format!("the KDC answered the TGS-REQ with error {}", e.code))
             }
-            Ok(None) => None,
+            Ok(None) => match messages::read_tgs_rep(&bytes, tgt) {
+                Ok((ticket, key, etype)) => Spn::Ticket(Arc::new(messages::ServiceTicket {
+                    ticket,
+                    session_key: zeroize::Zeroizing::new(key),
+                    etype,
+                    realm: input.realm.to_owned(),
+                    user: input.user.to_owned(),
+                    principal,
+                })),
+                Err(e) => {
+                    tracing::warn!(error = %e, "TERMSRV check: TGS-REP not readable");
+                    Spn::Unknown(format!("TGS-REP not readable: {e}"))
+                }
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "TERMSRV check: unreadable answer");
-                None
+                Spn::Unknown(format!("unreadable answer to the TGS-REQ: {e}"))
             }
         }
     }
@@ -371,6 +468,7 @@ impl KerberosChecker {
                 detail,
                 account,
                 internal: None,
+                service_ticket: None,
             }
         };
         // Our own encoder or crypto failed: an internal error, never a credential cause.
@@ -382,6 +480,7 @@ impl KerberosChecker {
             detail: format!("internal error: {e}"),
             account,
             internal: Some(format!("Kerberos: {e}")),
+            service_ticket: None,
         };
         if user.is_empty() || cred.password.is_empty() {
             return failed(
@@ -411,9 +510,20 @@ impl KerberosChecker {
             Err(e) => return internal(facts, e, Some(account)),
         };
         // Step 1: the salt (no password sent), KDCs in order.
+        let kdcs = match self.kdcs(budget).await {
+            Ok(k) => k,
+            Err(e) => {
+                return failed(
+                    facts,
+                    Finding::new(Cause::DirectoryUnreachable, format!("no KDC found through DNS: {e}"))
+                        .with("dns_servers", self.cfg.dns_servers.join(",")),
+                    Some(account),
+                )
+            }
+        };
         let mut errors = Vec::new();
         let mut answer = None;
-        for kdc in &self.cfg.kdcs {
+        for kdc in &kdcs {
             match self.exchange(kdc, &first, budget).await {
                 Ok(b) => {
                     answer = Some((kdc.clone(), b));
@@ -511,9 +621,18 @@ impl KerberosChecker {
                     bind_succeeded: usable,
                     account: Some(account),
                     internal: None,
+                    service_ticket: None,
                 };
             }
         };
+        // The directory's own count of failures, when it is to be read: under the reservation,
+        // so that attempts in flight count.
+        if let Some(ldap) = &self.ldap {
+            if let Err(f) = ldap.read_lockout_before(cred, account, budget).await {
+                ticket.finish(Outcome::NotSent).await;
+                return failed(facts, f, Some(account));
+            }
+        }
         let key = match messages::as_key(salt.0, cred.password.expose().as_bytes(), &salt.1) {
             Ok(k) => zeroize::Zeroizing::new(k),
             Err(e) => {
@@ -566,6 +685,8 @@ impl KerberosChecker {
             match answer {
                 Ok(AsAnswer::Rep) => {
                     let mut findings: Vec<Finding> = skew.into_iter().collect();
+                    let mut service_ticket = None;
+                    let mut facts_note = None;
                     ticket
                         .finish(Outcome::Proven {
                             findings: findings.clone(),
@@ -578,21 +699,31 @@ impl KerberosChecker {
                                 findings.push(f);
                             }
                             if let (Some(host), true) = (spn_host, self.cfg.spn_check) {
-                                if let Some(f) = self.spn(&tgt, &input, host, &kdc, budget).await {
-                                    findings.push(f);
+                                match self.spn(&tgt, &input, host, &kdc, budget).await {
+                                    Spn::Ticket(t) => service_ticket = Some(t),
+                                    Spn::Missing(f) => findings.push(f),
+                                    Spn::Unknown(why) => facts_note = Some(why),
                                 }
                             }
                         }
                         Err(e) => tracing::warn!(error = %e, "AS-REP not readable: no expiry or TERMSRV check"),
                     }
+                    let mut detail = format!("AS exchange succeeded for {}", facts.bind_identity);
+                    if let Some(t) = &service_ticket {
+                        detail.push_str(&format!("; service ticket for {}", t.principal));
+                    }
+                    if let Some(why) = facts_note {
+                        detail.push_str(&format!("; TERMSRV not checked: {why}"));
+                    }
                     return CredentialOutcome {
                         status: StageStatus::Ok,
-                        detail: format!("AS exchange succeeded for {}", facts.bind_identity),
+                        detail,
                         findings,
                         facts,
                         bind_succeeded: true,
                         account: Some(account),
                         internal: None,
+                        service_ticket,
                     };
                 }
                 Ok(AsAnswer::Error(e)) if e.code == 37 && round == 0 => {

@@ -31,8 +31,8 @@ use crate::secret::Credential;
 /// The TSRequest version this client speaks.
 pub const CLIENT_VERSION: u32 = 6;
 
-const CLIENT_SERVER_MAGIC: &[u8] = b"CredSSP Client-To-Server Binding Hash\0";
-const SERVER_CLIENT_MAGIC: &[u8] = b"CredSSP Server-To-Client Binding Hash\0";
+pub(crate) const CLIENT_SERVER_MAGIC: &[u8] = b"CredSSP Client-To-Server Binding Hash\0";
+pub(crate) const SERVER_CLIENT_MAGIC: &[u8] = b"CredSSP Server-To-Client Binding Hash\0";
 
 /// The account the logon is made for: names, and the NT hash (the password itself is not kept).
 pub struct Identity {
@@ -207,7 +207,7 @@ impl fmt::Debug for Client {
 }
 
 /// Adds one to a little-endian integer (the pre-version-5 server answer: MS-CSSP 3.1.5).
-fn increment_le(b: &mut [u8]) {
+pub(crate) fn increment_le(b: &mut [u8]) {
     for x in b {
         let (v, carry) = x.overflowing_add(1);
         *x = v;
@@ -217,7 +217,7 @@ fn increment_le(b: &mut [u8]) {
     }
 }
 
-fn binding_hash(magic: &[u8], nonce: &[u8], public_key: &[u8]) -> Vec<u8> {
+pub(crate) fn binding_hash(magic: &[u8], nonce: &[u8], public_key: &[u8]) -> Vec<u8> {
     let mut ctx = digest::Context::new(&digest::SHA256);
     ctx.update(magic);
     ctx.update(nonce);

@@ -36,6 +36,7 @@
 //!   NEGOTIATE/CHALLENGE round trip.
 
 pub mod credssp;
+pub mod kerberos;
 pub mod ntlm;
 pub mod tsrequest;
 
@@ -121,6 +122,10 @@ impl NlaOutcome {
 enum Phase {
     Negotiate,
     Authenticate,
+    /// Kerberos: the AP-REQ.
+    ApReq,
+    /// Kerberos: pubKeyAuth after the AP-REP.
+    PubKeyAuth,
 }
 
 impl Phase {
@@ -128,6 +133,8 @@ impl Phase {
         match self {
             Phase::Negotiate => "negotiate",
             Phase::Authenticate => "authenticate",
+            Phase::ApReq => "ap_req",
+            Phase::PubKeyAuth => "pub_key_auth",
         }
     }
 }
@@ -385,6 +392,7 @@ fn io_finding(fail: &IoFail, phase: Phase, budget: &Budget, waited: Duration) ->
     let sent = match phase {
         Phase::Negotiate => "no password material was sent",
         Phase::Authenticate => "the logon was attempted",
+        Phase::ApReq | Phase::PubKeyAuth => "a Kerberos logon: no password attempt was spent",
     };
     match fail {
         IoFail::Expired(Expired::Check) => deadline_finding(Stage::Nla, budget).with("waiting_after", after),
@@ -406,6 +414,11 @@ fn io_finding(fail: &IoFail, phase: Phase, budget: &Budget, waited: Duration) ->
                 Phase::Authenticate => "the target closed the connection after the AUTHENTICATE message with no \
                                         errorCode: the logon was refused (wrong password or unknown account)"
                     .to_owned(),
+                Phase::ApReq | Phase::PubKeyAuth => format!(
+                    "the target closed the connection after the Kerberos {}: the Kerberos logon was refused \
+                     (no password attempt was spent)",
+                    if phase == Phase::ApReq { "AP-REQ" } else { "pubKeyAuth" }
+                ),
             };
             let mut f = Finding::new(Cause::NlaLogonFailed, msg)
                 .with("server_closed_after", after)
@@ -650,6 +663,7 @@ impl Session {
             }
         };
         out.logon_attempted = true;
+        out.facts.auth = "ntlm".into();
         let answer = round_trip(stream, &authenticate, budget, stage_deadline).await;
         let waited = started.elapsed();
         let result = match answer {
@@ -687,6 +701,227 @@ impl Session {
             }
         }
     }
+}
+
+fn random_krb_entropy() -> kerberos::KrbEntropy {
+    use ring::rand::{SecureRandom, SystemRandom};
+    let rng = SystemRandom::new();
+    kerberos::KrbEntropy::from_fn(|b| {
+        if rng.fill(b).is_err() {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            for (i, x) in b.iter_mut().enumerate() {
+                *x = (t >> ((i % 16) * 8)) as u8 ^ (i as u8);
+            }
+        }
+    })
+}
+
+/// The finding for a Kerberos logon the target did not accept.
+fn kerberos_finding(r: &kerberos::KrbRefusal, phase: Phase, principal: &str) -> Finding {
+    use kerberos::{krb_error_name, KrbRefusal};
+    let after = phase.as_str();
+    let krb = |f: Finding, code: u32| {
+        let f = f.with("krb_error", code);
+        match krb_error_name(code) {
+            "" => f,
+            name => f.with("krb_error_name", name),
+        }
+    };
+    let by_code = |code: u32| match code {
+        37 => Finding::new(
+            Cause::ClockSkew,
+            "the target refused the Kerberos logon because its clock and ours differ by more than 5 minutes \
+             (KRB_AP_ERR_SKEW)",
+        ),
+        31 | 35 | 41 | 44 | 45 => Finding::new(
+            Cause::NlaLogonFailed,
+            format!(
+                "the target cannot read a ticket for {principal}: it is not the computer that principal belongs \
+                 to (the name points elsewhere), or its keys are out of step with the directory \
+                 (no password attempt was spent)"
+            ),
+        ),
+        _ => Finding::new(
+            Cause::NlaLogonFailed,
+            format!("the target refused the Kerberos logon for {principal}"),
+        ),
+    };
+    let f = match r {
+        KrbRefusal::ErrorCode {
+            status, krb: Some(k), ..
+        } => krb(by_code(k.code), k.code).with("ntstatus", format!("0x{status:08X}")),
+        KrbRefusal::ErrorCode { status, version, .. } => {
+            let f = ntstatus_finding(*status).with("credssp_version", version);
+            if f.cause == Cause::NlaNtlmRefused {
+                // Not NTLM here: a refusal of the Kerberos logon.
+                Finding {
+                    cause: Cause::NlaLogonFailed,
+                    ..f
+                }
+            } else {
+                f
+            }
+        }
+        KrbRefusal::KrbError(k) => krb(by_code(k.code), k.code),
+        KrbRefusal::Rejected { mech } => Finding::new(
+            Cause::NlaLogonFailed,
+            format!(
+                "the target did not accept Kerberos for {principal}{}; NTLM was not tried (no silent fallback)",
+                mech.map(|m| format!(" and asked for {m}")).unwrap_or_default()
+            ),
+        )
+        .with("mech", mech.unwrap_or("")),
+        KrbRefusal::MutualAuth(why) => Finding::new(
+            Cause::NlaLogonFailed,
+            format!(
+                "the target's Kerberos answer does not prove it holds the key of {principal} ({why}): \
+                 the connection may be intercepted; the logon is not trusted"
+            ),
+        )
+        .with("possible_interception", true),
+        KrbRefusal::PubKeyAuthMismatch(why) => Finding::new(
+            Cause::NlaLogonFailed,
+            format!(
+                "the target's pubKeyAuth answer {why}: the TLS connection may be intercepted; \
+                 the logon is not trusted"
+            ),
+        )
+        .with("possible_interception", true),
+        KrbRefusal::NotTsRequest(e) => Finding::new(
+            Cause::NlaLogonFailed,
+            "the target answered the Kerberos logon with something that is not a TSRequest",
+        )
+        .with("decode_error", e),
+        other => Finding::new(
+            Cause::NlaLogonFailed,
+            format!(
+                "the Kerberos exchange failed after the {}: {other}",
+                after.to_uppercase()
+            ),
+        )
+        .with("error", other),
+    };
+    f.at(Stage::Nla)
+        .with("phase", after)
+        .with("service_principal", principal)
+}
+
+/// The stage with a Kerberos logon (`nla.auth` kerberos or negotiate, and the credential stage
+/// obtained a ticket for `TERMSRV/<host>`): AP-REQ in SPNEGO, the AP-REP proving the target
+/// holds that principal's key (mutual authentication), pubKeyAuth both ways. No NTLM message is
+/// sent, so the NTLM challenge's facts (names, clock) stay empty; no password attempt is spent
+/// (`logon_attempted` stays false for the lockout guard).
+pub async fn kerberos_logon<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    input: &NlaInput<'_>,
+    ticket: std::sync::Arc<crate::kerberos::messages::ServiceTicket>,
+    budget: &Budget,
+    stage_limit: Duration,
+) -> NlaOutcome {
+    let started = Instant::now();
+    let stage_deadline = started + stage_limit;
+    let mut out = NlaOutcome::new();
+    out.facts.auth = "kerberos".into();
+    out.facts.service_principal = ticket.principal.clone();
+    let principal = ticket.principal.clone();
+    let account = format!("{}@{}", ticket.user, ticket.realm);
+    let now_ms = input.now_unix_ms;
+    let mut client = kerberos::KrbClient::new(
+        ticket,
+        now_ms.div_euclid(1000),
+        u32::try_from(now_ms.rem_euclid(1000) * 1000).unwrap_or(0),
+        random_krb_entropy(),
+    );
+    let fail = |mut out: NlaOutcome, f: Finding, detail: String| {
+        out.facts.logon = if out.facts.logon == "no_answer" {
+            "no_answer"
+        } else {
+            "refused"
+        }
+        .into();
+        out.findings.push(f.with("account", &account));
+        out.finish(detail)
+    };
+    let first = match client.start() {
+        Ok(m) => m,
+        Err(e) => {
+            out.internal = Some(format!("Kerberos CredSSP client: {e}"));
+            close(stream, budget).await;
+            return out.finish(format!("internal error: {e}"));
+        }
+    };
+    let mut phase = Phase::ApReq;
+    let mut msg = first;
+    for step in 0..2 {
+        let answer = round_trip(stream, &msg, budget, stage_deadline).await;
+        let bytes = match answer {
+            Ok(b) => b,
+            Err(e) => {
+                if matches!(e, IoFail::Expired(_)) {
+                    out.facts.logon = "no_answer".into();
+                }
+                let f = io_finding(&e, phase, budget, started.elapsed()).with("service_principal", &principal);
+                close(stream, budget).await;
+                return fail(
+                    out,
+                    f,
+                    format!("Kerberos logon for {principal}: no answer to the {}", phase.as_str()),
+                );
+            }
+        };
+        let r = if step == 0 {
+            client.on_ap_rep(&bytes, input.server_public_key).map(Some)
+        } else {
+            client.on_answer(&bytes).map(|()| None)
+        };
+        out.facts.credssp_version = client.server_version();
+        match r {
+            Ok(Some(next)) => {
+                msg = next;
+                phase = Phase::PubKeyAuth;
+            }
+            Ok(None) => break,
+            Err(kerberos::KrbRefusal::Internal(e)) => {
+                out.internal = Some(format!("Kerberos CredSSP client: {e}"));
+                close(stream, budget).await;
+                return out.finish(format!("internal error: {e}"));
+            }
+            Err(r) => {
+                if let kerberos::KrbRefusal::ErrorCode { status, .. } = r {
+                    out.facts.ntstatus = Some(status);
+                }
+                let f = kerberos_finding(&r, phase, &principal);
+                close(stream, budget).await;
+                let detail = format!(
+                    "CredSSP v{}; Kerberos logon for {account} to {principal} not accepted: {}",
+                    out.facts.credssp_version,
+                    f.cause.name()
+                );
+                return fail(out, f, detail);
+            }
+        }
+    }
+    close(stream, budget).await;
+    if out.facts.credssp_version < 5 && out.facts.credssp_version != 0 {
+        out.findings.push(
+            Finding::new(
+                Cause::NlaCredsspOutdated,
+                format!(
+                    "the target speaks CredSSP version {}: it lacks the CVE-2018-0886 fix",
+                    out.facts.credssp_version
+                ),
+            )
+            .with("credssp_version", out.facts.credssp_version),
+        );
+    }
+    out.facts.logon = "accepted".into();
+    let detail = format!(
+        "CredSSP v{}; Kerberos logon accepted for {account} to {principal} (mutual authentication)",
+        out.facts.credssp_version
+    );
+    out.finish(detail)
 }
 
 /// True when an NTSTATUS answer to the AUTHENTICATE is only given once the password has been

@@ -237,7 +237,7 @@ fn push_len(out: &mut Vec<u8>, len: usize) {
     }
 }
 
-fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+pub(crate) fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(content.len() + 6);
     out.push(tag);
     push_len(&mut out, content.len());

@@ -67,6 +67,7 @@ pub async fn append(store: &Arc<Store>, mut records: Vec<AuditRecord>) -> Result
                     receipts.push(Receipt {
                         seq: rec.seq,
                         hash: hash.clone(),
+                        prev: prev.clone(),
                     });
                     prev = hash;
                 }
