@@ -143,16 +143,22 @@ pub fn compute(
                     .is_none_or(|c| t.state.causes.contains(c) || t.state.primary_cause == *c)
         })
         .collect();
-    let selected: std::collections::BTreeSet<&str> = targets.iter().map(|t| t.state.target.as_str()).collect();
-    let kept: Vec<crate::history::Entry> = entries
-        .iter()
-        .filter(|e| selected.contains(e.target.as_str()))
-        .cloned()
-        .collect();
+    // The trend of the targets selected (no copy of the entries when all are).
+    let trend = if filter.labels.is_empty() && filter.cause.is_none() {
+        trend::cause_trend(entries, now_ms, window_ms)
+    } else {
+        let selected: std::collections::BTreeSet<&str> = targets.iter().map(|t| t.state.target.as_str()).collect();
+        let kept: Vec<crate::history::Entry> = entries
+            .iter()
+            .filter(|e| selected.contains(e.target.as_str()))
+            .cloned()
+            .collect();
+        trend::cause_trend(&kept, now_ms, window_ms)
+    };
     let states: Vec<TargetState> = targets.iter().map(|t| t.state.clone()).collect();
     Status {
         as_of_ms: now_ms,
-        trend: trend::cause_trend(&kept, now_ms, window_ms),
+        trend,
         forecast: trend::cert_forecast(&states, now_ms, forecast_ms),
         targets,
     }
@@ -204,5 +210,15 @@ mod tests {
         let s = compute(&es, &inv, &Filter::default(), NOW, 86_400_000, 4, 30 * 86_400_000);
         assert!(s.targets.iter().all(|t| t.in_inventory));
         assert_eq!(s.trend.iter().map(|b| b.targets).sum::<u32>(), 3);
+        let par = Filter {
+            labels: [("site".to_owned(), "par".to_owned())].into_iter().collect(),
+            cause: None,
+        };
+        let s = compute(&es, &inv, &par, NOW, 86_400_000, 4, 30 * 86_400_000);
+        assert_eq!(
+            s.trend.iter().map(|b| b.targets).sum::<u32>(),
+            2,
+            "the trend of the selected targets"
+        );
     }
 }
