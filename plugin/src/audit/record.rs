@@ -247,6 +247,9 @@ pub struct Facts {
     /// Computer name the NLA challenge carried.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub nla_computer: String,
+    /// How the NLA logon authenticated ("ntlm", "kerberos"); empty when none was attempted.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub nla_auth: String,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -313,6 +316,7 @@ impl AuditRecord {
             credential_from_memory: c.from_memory,
             nla_ntstatus: report.nla.ntstatus,
             nla_computer: report.nla.netbios_computer.clone(),
+            nla_auth: report.nla.auth.clone(),
         };
         AuditRecord {
             time: rfc3339_millis(report.started_at.0, report.started_at.1),

@@ -232,15 +232,17 @@ pub fn event(rec: &AuditRecord) -> Value {
         }
         obj.insert("user".into(), Value::Object(user));
         obj.insert("is_remote".into(), json!(true));
-        // An NLA logon failure is the target's NTLM logon, whatever proved the password first.
+        // An NLA logon failure is the target's logon (NTLM, or Kerberos with the service
+        // ticket), whatever proved the password first.
         let nla = matches!(rec.primary_cause.number, 702 | 703);
-        let by = if nla {
-            "nla"
-        } else {
-            rec.facts.credential_checked_by.as_str()
+        let by = match (nla, rec.facts.nla_auth.as_str()) {
+            (true, "kerberos") => "nla_kerberos",
+            (true, _) => "nla",
+            (false, _) => rec.facts.credential_checked_by.as_str(),
         };
         let (proto_id, proto, logon_type_id, logon_type) = match by {
             "nla" => (1, "NTLM", 10, "Remote Interactive"),
+            "nla_kerberos" => (2, "Kerberos", 10, "Remote Interactive"),
             "kerberos" => (2, "Kerberos", 3, "Network"),
             "ldap" => (99, "LDAP bind", 3, "Network"),
             _ => (0, "Unknown", 0, "Unknown"),

@@ -91,6 +91,17 @@ fn an_nla_logon_failure_is_an_ntlm_remote_interactive_logon() {
 }
 
 #[test]
+fn a_kerberos_nla_logon_failure_is_a_kerberos_remote_interactive_logon() {
+    let mut r = record("01CHECKK", crate::cause::Cause::NlaLogonFailed, "deny");
+    r.facts.nla_auth = "kerberos".into();
+    let e = ocsf::event(&r);
+    assert_eq!(
+        (e["auth_protocol"].clone(), e["logon_type_id"].clone()),
+        ("Kerberos".into(), 10.into())
+    );
+}
+
+#[test]
 fn ocsf_network_and_rdp_events() {
     let e = ocsf::event(&record("01CHECKB", crate::cause::Cause::TcpRefused, "deny"));
     assert_eq!(
