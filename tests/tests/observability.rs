@@ -229,6 +229,24 @@ async fn every_queried_metric_is_exported_by_the_plugin() {
     f.store.hmac_key_file = Some(key);
     f.cert.pin_store = "memory".into();
     f.siem.file = Some(tmp.path().join("events.jsonl"));
+    // A scheduled sweep of one TLS target labelled site=par: the fleet gauges.
+    let harness = gateway_sim::demo::Harness::start(
+        &gateway_sim::scenario::Scenario::parse("[[target]]\nname = \"healthy-tls\"\nbehavior = \"healthy\"\n")
+            .expect("scenario"),
+    )
+    .await
+    .expect("fleet");
+    let tls_port = harness.env.fleet.addr("healthy-tls").expect("target").port();
+    let inv = tmp.path().join("inventory.csv");
+    std::fs::write(
+        &inv,
+        format!("host,port,expected_name,expected_computer,labels\n127.0.0.1,{tls_port},healthy-tls,,site=par\n"),
+    )
+    .expect("inventory");
+    f.sweep.inventory = Some(inv);
+    f.sweep.interval_secs = 1;
+    f.sweep.metric_label = Some("site".into());
+    f.cert.trust_anchors = harness.plugin_config.cert.trust_anchors.clone();
     let path = tmp.path().join("plugin.toml");
     std::fs::write(&path, toml::to_string(&f).expect("toml")).expect("config");
     let served = tokio::task::block_in_place(|| serve_binary(&path, &[]));
@@ -256,9 +274,22 @@ async fn every_queried_metric_is_exported_by_the_plugin() {
 
     let log = served.stderr.lock().map(|l| l.clone()).unwrap_or_default();
     let admin = admin_addr(&log).unwrap_or_else(|| panic!("admin address in the logs: {log}"));
-    let text = scrape(&admin).await;
+    // The fleet gauges come after the first sweep.
+    let mut text = scrape(&admin).await;
+    for _ in 0..60 {
+        if text.contains("rdp_preflight_fleet_cert_min_days_left{") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        text = scrape(&admin).await;
+    }
     let exported = exported_names(&text);
-    for family in ["rdp_preflight_store_up", "rdp_preflight_siem_queue_depth"] {
+    for family in [
+        "rdp_preflight_store_up",
+        "rdp_preflight_siem_queue_depth",
+        "rdp_preflight_fleet_targets_by_state",
+        "rdp_preflight_fleet_cert_min_days_left",
+    ] {
         assert!(exported.contains(family), "{family}: {exported:?}");
     }
 
@@ -292,6 +323,10 @@ async fn every_queried_metric_is_exported_by_the_plugin() {
         "rdp_preflight_directory_errors_total",
         "rdp_preflight_guard_reservations_refused_total",
         "rdp_preflight_audit_write_seconds_bucket",
+        "rdp_preflight_fleet_targets",
+        "rdp_preflight_fleet_targets_by_state",
+        "rdp_preflight_fleet_flapping_targets",
+        "rdp_preflight_fleet_cert_min_days_left",
     ] {
         assert!(dash.contains(m), "the dashboard has no panel on {m}");
     }
