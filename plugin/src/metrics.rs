@@ -139,6 +139,8 @@ pub struct Metrics {
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     audit_write: Histogram,
     audit_failures: AtomicU64,
+    /// Check outcomes not kept in the history (too many writes pending).
+    history_dropped: AtomicU64,
     start_time: f64,
     /// The shared store, when configured.
     store: std::sync::OnceLock<Arc<crate::store::Store>>,
@@ -232,6 +234,7 @@ impl Metrics {
             rejected: Mutex::new(BTreeMap::new()),
             audit_write: Histogram::new(AUDIT_BUCKETS),
             audit_failures: AtomicU64::new(0),
+            history_dropped: AtomicU64::new(0),
             start_time: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
@@ -331,6 +334,11 @@ impl Metrics {
         if !ok {
             self.audit_failures.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A check's outcome that the history did not keep (its writes were backed up).
+    pub fn history_dropped(&self) {
+        self.history_dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Checks in flight now.
@@ -500,6 +508,17 @@ impl Metrics {
             out,
             "rdp_preflight_audit_write_failures_total {}",
             self.audit_failures.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "rdp_preflight_history_dropped_total",
+            "counter",
+            "Gateway check outcomes not kept in the check history because its writes were backed up.",
+        );
+        let _ = writeln!(
+            out,
+            "rdp_preflight_history_dropped_total {}",
+            self.history_dropped.load(Ordering::Relaxed)
         );
         if let Some(store) = self.store.get() {
             render_store(&mut out, store);

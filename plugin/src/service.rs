@@ -37,7 +37,12 @@ pub struct PreflightService {
     audit: Option<AuditLog>,
     metrics: Arc<Metrics>,
     fleet: Arc<Fleet>,
+    /// History writes in flight: bounded, so that a slow store cannot pile up tasks.
+    history_writes: Arc<Semaphore>,
 }
+
+/// History writes in flight at most; beyond, an outcome is dropped and counted.
+pub const MAX_HISTORY_WRITES: usize = 1024;
 
 impl PreflightService {
     /// A service running checks on `checker`, with the config's admission limits, recording to
@@ -51,6 +56,7 @@ impl PreflightService {
             audit,
             metrics,
             fleet,
+            history_writes: Arc::new(Semaphore::new(MAX_HISTORY_WRITES)),
         }
     }
 }
@@ -109,10 +115,17 @@ impl pb::preflight_server::Preflight for PreflightService {
         if cfg.otel.is_some() {
             crate::otel::record_check(&report);
         }
-        record_history(
-            self.fleet.history(),
-            Entry::new(&report, &host, port, account, Source::Gateway),
-        );
+        match self.history_writes.clone().try_acquire_owned() {
+            Ok(permit) => record_history(
+                self.fleet.history(),
+                Entry::new(&report, &host, port, account, Source::Gateway),
+                Some(permit),
+            ),
+            Err(_) => {
+                self.metrics.history_dropped();
+                tracing::warn!(check_id = %report.check_id, "check history backed up: outcome not kept");
+            }
+        }
         span.in_scope(|| {
             tracing::info!(
                 check_id = %report.check_id,
@@ -389,12 +402,14 @@ fn split_target(t: &str, default_port: u16) -> Option<(String, u16)> {
 
 /// Keeps a check's outcome in the history without delaying the answer; a history that cannot
 /// be written is logged, never a reason to withhold a verdict.
-pub fn record_history(history: &Arc<dyn History>, entry: Entry) {
+/// `permit`, when given, is held until the write is done.
+pub fn record_history(history: &Arc<dyn History>, entry: Entry, permit: Option<tokio::sync::OwnedSemaphorePermit>) {
     let h = history.clone();
     tokio::spawn(async move {
         if let Err(e) = h.record(entry).await {
             tracing::warn!(error = %e, "check history not written");
         }
+        drop(permit);
     });
 }
 
