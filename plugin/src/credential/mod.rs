@@ -934,8 +934,8 @@ fn refuse_near_threshold(count: u64, in_flight: u64, threshold: u64, source: &st
         Finding::new(
             Cause::CredLockoutGuard,
             format!(
-                "not binding: the account already has {count} failed logons ({in_flight} more in flight) and \
-                 locks at {threshold}; one more bad bind could lock it"
+                "password not tried: the account already has {count} failed logons ({in_flight} more in \
+                 flight) and locks at {threshold}; one more bad password could lock it"
             ),
         )
         .with("bad_password_count", count)
@@ -1076,7 +1076,10 @@ fn judge(ctx: Ctx, rc: u32, text: &str, data: Option<&str>, pp: PpolicyResponse)
 fn unreadable(why: &str) -> Finding {
     Finding::new(
         Cause::CredLockoutGuard,
-        format!("not binding: the account's lockout state cannot be read ({why}); one more bad bind could lock it"),
+        format!(
+            "password not tried: the account's lockout state cannot be read ({why}); one more bad password \
+             could lock it"
+        ),
     )
     .with("lockout_state", "unreadable")
 }
