@@ -125,8 +125,20 @@ pub fn compute(
     flap_changes: u32,
     forecast_ms: i64,
 ) -> Status {
-    let targets: Vec<TargetStatus> = trend::states(entries, now_ms, window_ms, flap_changes)
+    let checked = trend::states(entries, now_ms, window_ms, flap_changes);
+    let seen: std::collections::BTreeSet<String> = checked.iter().map(|s| s.target.clone()).collect();
+    // Inventory targets with no check in the window yet: listed, with an empty state.
+    let unchecked = inventory
+        .keys()
+        .filter(|k| !seen.contains(*k))
+        .map(|k| TargetState {
+            target: k.clone(),
+            ..TargetState::default()
+        })
+        .collect::<Vec<_>>();
+    let mut targets: Vec<TargetStatus> = checked
         .into_iter()
+        .chain(unchecked)
         .map(|state| {
             let row = inventory.get(&state.target);
             TargetStatus {
@@ -143,6 +155,7 @@ pub fn compute(
                     .is_none_or(|c| t.state.causes.contains(c) || t.state.primary_cause == *c)
         })
         .collect();
+    targets.sort_by(|a, b| a.state.target.cmp(&b.state.target));
     // The trend of the targets selected (no copy of the entries when all are).
     let trend = if filter.labels.is_empty() && filter.cause.is_none() {
         trend::cause_trend(entries, now_ms, window_ms)
@@ -168,6 +181,40 @@ pub fn compute(
 mod tests {
     use super::*;
     use crate::history::tests::entry;
+
+    #[test]
+    fn inventory_targets_not_checked_yet_are_listed() {
+        const NOW: i64 = 1_800_000_000_000;
+        let es = vec![entry(NOW - 1000, "b:3389", "OK")];
+        let mut inv = BTreeMap::new();
+        for host in ["a", "b"] {
+            inv.insert(
+                format!("{host}:3389"),
+                InventoryTarget {
+                    host: host.into(),
+                    port: None,
+                    expected_name: String::new(),
+                    expected_computer: String::new(),
+                    labels: BTreeMap::new(),
+                },
+            );
+        }
+        let s = compute(&es, &inv, &Filter::default(), NOW, 86_400_000, 4, 30 * 86_400_000);
+        let names: Vec<_> = s
+            .targets
+            .iter()
+            .map(|t| (t.state.target.as_str(), t.state.last_ms))
+            .collect();
+        assert_eq!(names, vec![("a:3389", 0), ("b:3389", NOW - 1000)]);
+        assert!(s.targets[0].in_inventory && s.targets[0].state.verdict.is_empty());
+        // A cause filter selects checked targets only.
+        let f = Filter {
+            cause: Some("OK".into()),
+            ..Filter::default()
+        };
+        let s = compute(&es, &inv, &f, NOW, 86_400_000, 4, 30 * 86_400_000);
+        assert_eq!(s.targets.len(), 1);
+    }
 
     #[test]
     fn labels_and_cause_select_targets() {

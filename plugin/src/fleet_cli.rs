@@ -219,12 +219,17 @@ async fn status(a: &ServerArgs, labels: &[String], cause: Option<&str>, json: bo
     );
     for t in &s.targets {
         let since = time(t.since.as_ref());
+        let checked = t.last_checked.is_some();
         let _ = writeln!(
             out,
             "{:<32} {:<6} {:<30} {:<20} {:>10} {:>9}",
             esc(&t.target),
-            state_name(t.verdict),
-            cause_name(t.primary_cause),
+            if checked { state_name(t.verdict) } else { "-" },
+            if checked {
+                cause_name(t.primary_cause)
+            } else {
+                "not checked yet".to_owned()
+            },
             if t.since_exact { since } else { format!("≤{since}") },
             format!("{}{}", t.changes, if t.flapping { " FLAP" } else { "" }),
             t.cert_days_left.map_or_else(|| "-".to_owned(), |d| d.to_string())

@@ -291,9 +291,10 @@ pub fn fleet_to_proto(s: &crate::fleet::Status, cfg: &crate::history::HistoryCon
                     verdict: proto_verdict(&st.verdict),
                     primary_cause: proto_cause(&st.primary_cause),
                     causes: st.causes.iter().map(|c| proto_cause(c)).collect(),
-                    since: Some(ts_ms(st.since_ms)),
+                    // Never checked (an inventory row only): no times.
+                    since: (st.last_ms != 0).then(|| ts_ms(st.since_ms)),
                     since_exact: st.since_exact,
-                    last_checked: Some(ts_ms(st.last_ms)),
+                    last_checked: (st.last_ms != 0).then(|| ts_ms(st.last_ms)),
                     changes: st.changes,
                     flapping: st.flapping,
                     cert_days_left: st.cert_days_left(s.as_of_ms),

@@ -13,8 +13,9 @@ use super::Entry;
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 86_400_000;
 
-/// One target as the history sees it now.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One target as the history sees it now. An inventory target with no check in the window yet
+/// has the default: an empty verdict and cause, `last_ms` 0.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TargetState {
     /// `host:port`.
     pub target: String,
