@@ -25,7 +25,6 @@ use std::{
 
 use picky_asn1::{
     bit_string::BitString,
-    date::Date,
     restricted_string::Ia5String,
     wrapper::{
         Asn1SequenceOf, ExplicitContextTag0, ExplicitContextTag1, ExplicitContextTag10, ExplicitContextTag2,
@@ -53,7 +52,7 @@ use tracing::debug;
 
 use crate::{
     credssp::tlv,
-    kerberos::{Keytab, KeytabEntry},
+    kerberos::{int_of, time_of, Keytab, KeytabEntry},
     scenario::Account,
 };
 
@@ -186,27 +185,10 @@ fn kstr(s: &str) -> GeneralStringAsn1 {
     GeneralStringAsn1::from(Ia5String::from_string(s.to_owned()).unwrap_or_default())
 }
 
-fn int_of(i: &IntegerAsn1) -> u32 {
-    i.as_unsigned_bytes_be()
-        .iter()
-        .rev()
-        .take(4)
-        .rev()
-        .fold(0u32, |acc, b| (acc << 8) | u32::from(*b))
-}
-
 fn time(t: i64) -> GeneralizedTimeAsn1 {
-    let dt = time::OffsetDateTime::from_unix_timestamp(t).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let d = Date::new(
-        u16::try_from(dt.year()).unwrap_or(1970),
-        u8::from(dt.month()),
-        dt.day(),
-        dt.hour(),
-        dt.minute(),
-        dt.second(),
-    );
-    match d {
-        Some(d) => GeneralizedTimeAsn1::from(d),
+    match time_of(t) {
+        Some(g) => g,
+        // Out of GeneralizedTime's range: the epoch, which always is in it.
         None => time(0),
     }
 }

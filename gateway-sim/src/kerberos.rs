@@ -206,7 +206,7 @@ fn krb5_token(tok_id: [u8; 2], msg: &[u8]) -> Vec<u8> {
     tlv(0x60, &inner)
 }
 
-fn int_of(i: &IntegerAsn1) -> u32 {
+pub(crate) fn int_of(i: &IntegerAsn1) -> u32 {
     i.as_unsigned_bytes_be()
         .iter()
         .rev()
@@ -224,7 +224,7 @@ fn unix_of(t: &GeneralizedTimeAsn1) -> Option<i64> {
         .map(|t| t.assume_utc().unix_timestamp())
 }
 
-fn time_of(t: i64) -> Option<GeneralizedTimeAsn1> {
+pub(crate) fn time_of(t: i64) -> Option<GeneralizedTimeAsn1> {
     let dt = time::OffsetDateTime::from_unix_timestamp(t).ok()?;
     Date::new(
         u16::try_from(dt.year()).ok()?,

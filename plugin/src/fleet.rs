@@ -182,23 +182,31 @@ mod tests {
     use super::*;
     use crate::history::tests::entry;
 
+    /// Inventory rows `host` on port 3389, labelled `site=<site>` unless the site is empty.
+    fn inventory(rows: &[(&str, &str)]) -> BTreeMap<String, InventoryTarget> {
+        rows.iter()
+            .map(|(host, site)| {
+                let labels = (!site.is_empty())
+                    .then(|| ("site".to_owned(), (*site).to_owned()))
+                    .into_iter()
+                    .collect();
+                let row = InventoryTarget {
+                    host: (*host).into(),
+                    port: None,
+                    expected_name: String::new(),
+                    expected_computer: String::new(),
+                    labels,
+                };
+                (format!("{host}:3389"), row)
+            })
+            .collect()
+    }
+
     #[test]
     fn inventory_targets_not_checked_yet_are_listed() {
         const NOW: i64 = 1_800_000_000_000;
         let es = vec![entry(NOW - 1000, "b:3389", "OK")];
-        let mut inv = BTreeMap::new();
-        for host in ["a", "b"] {
-            inv.insert(
-                format!("{host}:3389"),
-                InventoryTarget {
-                    host: host.into(),
-                    port: None,
-                    expected_name: String::new(),
-                    expected_computer: String::new(),
-                    labels: BTreeMap::new(),
-                },
-            );
-        }
+        let inv = inventory(&[("a", ""), ("b", "")]);
         let s = compute(&es, &inv, &Filter::default(), NOW, 86_400_000, 4, 30 * 86_400_000);
         let names: Vec<_> = s
             .targets
@@ -224,21 +232,7 @@ mod tests {
             entry(NOW - 1000, "b:3389", "CERT_EXPIRED"),
             entry(NOW - 1000, "c:3389", "CERT_EXPIRED"),
         ];
-        let mut inv = BTreeMap::new();
-        for (host, site) in [("a", "par"), ("b", "par"), ("c", "lyo")] {
-            let mut labels = BTreeMap::new();
-            labels.insert("site".to_owned(), site.to_owned());
-            inv.insert(
-                format!("{host}:3389"),
-                InventoryTarget {
-                    host: host.into(),
-                    port: None,
-                    expected_name: String::new(),
-                    expected_computer: String::new(),
-                    labels,
-                },
-            );
-        }
+        let inv = inventory(&[("a", "par"), ("b", "par"), ("c", "lyo")]);
         let run = |labels: &[(&str, &str)], cause: Option<&str>| {
             let f = Filter {
                 labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),

@@ -567,18 +567,7 @@ pub fn validate(req: pb::CheckRequest, cfg: &Config, deadline: Option<Duration>)
         bad("requester.source_address", "at most 64 printable characters");
     }
     if !v.is_empty() {
-        let msg = format!(
-            "invalid request: {}",
-            v.iter()
-                .map(|(f, w)| format!("{f}: {w}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
-        let mut details = ErrorDetails::new();
-        for (f, w) in &v {
-            details.add_bad_request_violation(f.clone(), w.clone());
-        }
-        return Err(Status::with_error_details(tonic::Code::InvalidArgument, msg, details));
+        return Err(invalid(&v));
     }
     let port = if target.port == 0 {
         cfg.default_port

@@ -50,6 +50,33 @@ impl Served {
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// The `[admin]` listener's address, as logged at info (`admin listener … listen=ADDR`).
+    pub fn admin_addr(&self) -> Option<String> {
+        let stderr = self.stderr.lock().map(|l| l.clone()).unwrap_or_default();
+        admin_addr(&stderr)
+    }
+}
+
+/// The `[admin]` listener's address in a plugin's stderr.
+pub fn admin_addr(stderr: &str) -> Option<String> {
+    stderr.lines().filter(|l| l.contains("admin listener")).find_map(|l| {
+        l.split("listen=")
+            .nth(1)
+            .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
+    })
+}
+
+/// `GET /metrics` from the admin listener at `addr`: the whole HTTP answer.
+pub async fn metrics_text(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin listener");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.expect("read");
+    body
 }
 
 impl Drop for Served {

@@ -11,24 +11,36 @@ use rdp_preflight::{
     kerberos::{KerberosChecker, KerberosFile},
 };
 
-fn checker(kdcs: Vec<String>) -> KerberosChecker {
+/// A memory lockout guard: 900 s window, one more distinct failure.
+fn guard() -> Arc<Guard> {
+    Arc::new(Guard::memory(
+        Limits::new(Duration::from_secs(900), 1, Duration::ZERO),
+        1000,
+    ))
+}
+
+/// A checker for `file` (timeout 3 s unless set) with `guard`, the NetBIOS domain mapped to
+/// the realm.
+fn checker_for(file: KerberosFile, guard: Arc<Guard>, domain: (&str, &str)) -> KerberosChecker {
     let cfg = KerberosFile {
-        realm: Some("example.test".into()),
-        kdcs,
         timeout_ms: 3000,
-        ..Default::default()
+        ..file
     }
     .validate()
     .expect("valid")
     .expect("realm");
-    let guard = Arc::new(Guard::memory(
-        Limits::new(Duration::from_secs(900), 1, Duration::ZERO),
-        1000,
-    ));
-    KerberosChecker::new(
-        cfg,
-        guard,
-        Domains::new([("EXAMPLE", "example.test")]).expect("domains"),
+    KerberosChecker::new(cfg, guard, Domains::new([domain]).expect("domains"))
+}
+
+fn checker(kdcs: Vec<String>) -> KerberosChecker {
+    checker_for(
+        KerberosFile {
+            realm: Some("example.test".into()),
+            kdcs,
+            ..Default::default()
+        },
+        guard(),
+        ("EXAMPLE", "example.test"),
     )
 }
 
@@ -336,21 +348,14 @@ async fn the_simulated_kdc_tells_account_states_like_windows() {
         account("mia", "must_change"),
     ];
     let kdc = start_kdc(&accounts, &["rdp01.simdom.test".into()]).await.expect("kdc");
-    let c = KerberosChecker::new(
+    let c = checker_for(
         KerberosFile {
             realm: Some("SIMDOM.TEST".into()),
             kdcs: vec![kdc.addr().to_string()],
-            timeout_ms: 3000,
             ..Default::default()
-        }
-        .validate()
-        .expect("valid")
-        .expect("realm"),
-        Arc::new(Guard::memory(
-            Limits::new(Duration::from_secs(900), 1, Duration::ZERO),
-            1000,
-        )),
-        Domains::new([("SIMDOM", "simdom.test")]).expect("domains"),
+        },
+        guard(),
+        ("SIMDOM", "simdom.test"),
     );
     let o = c
         .check(
@@ -393,21 +398,14 @@ async fn kdcs_found_through_dns_srv() {
     let s = tokio::task::block_in_place(Samba::start_with_dns);
     s.user("good", "Good-Pass-1!");
     let checker = |dns: &str| {
-        KerberosChecker::new(
+        checker_for(
             KerberosFile {
                 realm: Some("example.test".into()),
                 dns_servers: vec![dns.into()],
-                timeout_ms: 3000,
                 ..Default::default()
-            }
-            .validate()
-            .expect("valid")
-            .expect("realm"),
-            Arc::new(Guard::memory(
-                Limits::new(Duration::from_secs(900), 1, Duration::ZERO),
-                1000,
-            )),
-            Domains::new([("EXAMPLE", "example.test")]).expect("domains"),
+            },
+            guard(),
+            ("EXAMPLE", "example.test"),
         )
     };
     let c = checker("127.0.0.1:53");
@@ -464,11 +462,7 @@ async fn kerberos_reads_the_lockout_state_first() {
     let tmp = tempfile::tempdir().expect("tmp");
     let pw = tmp.path().join("svc.pw");
     std::fs::write(&pw, format!("{}\n", integration_tests::samba::ADMIN_PW)).expect("write");
-    let guard = Arc::new(Guard::memory(
-        Limits::new(Duration::from_secs(900), 1, Duration::ZERO),
-        1000,
-    ));
-    let domains = Domains::new([("EXAMPLE", "example.test")]).expect("domains");
+    let shared = guard();
     let ldap = Arc::new(CredentialChecker::new(
         DirectoryFile {
             servers: vec![s.ldaps_url()],
@@ -483,21 +477,17 @@ async fn kerberos_reads_the_lockout_state_first() {
         .validate()
         .expect("valid")
         .expect("servers"),
-        guard.clone(),
-        domains.clone(),
+        shared.clone(),
+        Domains::new([("EXAMPLE", "example.test")]).expect("domains"),
     ));
-    let c = KerberosChecker::new(
+    let c = checker_for(
         KerberosFile {
             realm: Some("EXAMPLE.TEST".into()),
             kdcs: vec![s.kdc()],
-            timeout_ms: 3000,
             ..Default::default()
-        }
-        .validate()
-        .expect("valid")
-        .expect("realm"),
-        guard,
-        domains,
+        },
+        shared,
+        ("EXAMPLE", "example.test"),
     )
     .with_directory(Some(ldap));
     // One more failure would lock: refused before any password is sent, right or wrong.

@@ -16,13 +16,12 @@ use std::{
 };
 
 use integration_tests::{
-    plugin::{client, serve_binary},
+    plugin::{admin_addr, client, metrics_text, serve_binary},
     postgres::Postgres,
 };
 use rdp_preflight::config::FileConfig;
 use rdp_preflight_proto::v1 as pb;
 use serde_json::Value as Json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use yaml_rust2::{Yaml, YamlLoader};
 
 const RULES: &str = "deploy/observability/alerts.rules.yml";
@@ -161,24 +160,6 @@ fn promtool_accepts_the_rules_and_every_rule_has_a_runbook() {
     }
 }
 
-async fn scrape(addr: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin listener");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.expect("read");
-    body
-}
-
-fn admin_addr(stderr: &str) -> Option<String> {
-    stderr.lines().filter(|l| l.contains("admin listener")).find_map(|l| {
-        l.split("listen=")
-            .nth(1)
-            .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
-    })
-}
-
 /// The names a scrape may be queried by: each family, and for histograms and summaries the
 /// sample names that carry the suffixes.
 fn exported_names(text: &str) -> BTreeSet<String> {
@@ -275,13 +256,13 @@ async fn every_queried_metric_is_exported_by_the_plugin() {
     let log = served.stderr.lock().map(|l| l.clone()).unwrap_or_default();
     let admin = admin_addr(&log).unwrap_or_else(|| panic!("admin address in the logs: {log}"));
     // The fleet gauges come after the first sweep.
-    let mut text = scrape(&admin).await;
+    let mut text = metrics_text(&admin).await;
     for _ in 0..60 {
         if text.contains("rdp_preflight_fleet_cert_min_days_left{") {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        text = scrape(&admin).await;
+        text = metrics_text(&admin).await;
     }
     let exported = exported_names(&text);
     for family in [

@@ -9,10 +9,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway_sim::{
-    directory::{start_directory, DirectoryOptions},
-    scenario::Account,
-};
 use integration_tests::plugin::{client, serve_binary};
 use opentelemetry_proto::tonic::{
     collector::{
@@ -98,20 +94,8 @@ async fn one_trace_per_check_with_a_span_per_stage_and_no_secret() {
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
     tokio::spawn(server);
 
-    let dir = start_directory(
-        &[Account {
-            name: "olga".into(),
-            password: "Right-Pass-1".into(),
-            state: "good".into(),
-            domain: None,
-        }],
-        DirectoryOptions::default(),
-    )
-    .await
-    .expect("directory");
     let tmp = tempfile::tempdir().expect("tmp");
-    let ca = tmp.path().join("dir-ca.pem");
-    std::fs::write(&ca, dir.ca_pem()).expect("ca");
+    let (dir, ca) = integration_tests::one_account_directory("olga", "Right-Pass-1", tmp.path()).await;
     let mut f = FileConfig::default();
     f.policy.allow_loopback = true;
     f.cert.pin_store = "memory".into();

@@ -10,7 +10,7 @@ use gateway_sim::{
     demo::{Harness, DEFAULT_SCENARIO},
     scenario::Scenario,
 };
-use integration_tests::plugin::{plugin_bin, serve_binary, InProcess};
+use integration_tests::plugin::{admin_addr, metrics_text, plugin_bin, serve_binary, InProcess};
 use rdp_preflight::config::FileConfig;
 use rdp_preflight_proto::v1::{self as pb, Cause, CheckRequest, StageStatus, Target, Verdict};
 use tokio::{
@@ -102,24 +102,6 @@ async fn policy_refuses_loopback_metadata_and_unlisted_targets_without_traffic()
     assert_eq!(r.primary_cause(), Cause::PolicyTargetDenied, "port outside allow_ports");
     let evidence: Vec<_> = r.findings[0].evidence.iter().map(|e| e.value.clone()).collect();
     assert!(evidence.iter().any(|v| v.contains("allow_ports")), "{evidence:?}");
-}
-
-async fn metrics_text(addr: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin listener");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.expect("read");
-    body
-}
-
-fn admin_addr(stderr: &str) -> Option<String> {
-    stderr.lines().filter(|l| l.contains("admin listener")).find_map(|l| {
-        l.split("listen=")
-            .nth(1)
-            .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
-    })
 }
 
 /// A canary password used on every path (directory bind, NLA logon, invalid request, CLI)

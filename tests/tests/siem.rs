@@ -11,18 +11,13 @@ use std::{
     time::Duration,
 };
 
-use gateway_sim::{
-    directory::{start_directory, DirectoryOptions},
-    scenario::Account,
-};
 use integration_tests::{
-    plugin::{client, plugin_bin, serve_binary},
+    plugin::{admin_addr, client, metrics_text, plugin_bin, serve_binary},
     rsyslog::Rsyslog,
 };
 use rdp_preflight::config::FileConfig;
 use rdp_preflight_proto::v1 as pb;
 use serde_json::Value as Json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CANARY: &str = "Canary-Siem-Pa55w0rd-7f3e";
 
@@ -224,29 +219,11 @@ fn check_line(line: &str, port: u16) -> (String, Json) {
     (uid, e)
 }
 
-async fn metrics_text(addr: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin listener");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.expect("read");
-    body
-}
-
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("{name} not in /metrics"))
-}
-
-fn admin_addr(stderr: &str) -> Option<String> {
-    stderr.lines().filter(|l| l.contains("admin listener")).find_map(|l| {
-        l.split("listen=")
-            .nth(1)
-            .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
-    })
 }
 
 fn request(i: usize, port: u16, with_credential: bool) -> pb::CheckRequest {
@@ -285,20 +262,8 @@ fn audit_ids(dir: &Path) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_records_reach_rsyslog_over_mutual_tls_and_an_outage_is_replayed() {
     let mut rs = tokio::task::block_in_place(Rsyslog::start_tls);
-    let dir = start_directory(
-        &[Account {
-            name: "olga".into(),
-            password: "Right-Pass-1".into(),
-            state: "good".into(),
-            domain: None,
-        }],
-        DirectoryOptions::default(),
-    )
-    .await
-    .expect("directory");
     let tmp = tempfile::tempdir().expect("tmp");
-    let ca = tmp.path().join("dir-ca.pem");
-    std::fs::write(&ca, dir.ca_pem()).expect("ca");
+    let (dir, ca) = integration_tests::one_account_directory("olga", "Right-Pass-1", tmp.path()).await;
     let audit_dir = tmp.path().join("audit");
     let (cert, key) = rs.client_cert();
     let mut f = FileConfig::default();

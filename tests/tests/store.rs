@@ -8,8 +8,6 @@ use std::{
     time::Duration,
 };
 
-use gateway_sim::directory::{start_directory, DirectoryOptions};
-use gateway_sim::scenario::Account;
 use integration_tests::{
     budget,
     plugin::{client, serve_binary, Served},
@@ -290,20 +288,8 @@ async fn wait_health(endpoint: &str, want: tonic_health::pb::health_check_respon
 async fn a_store_outage_fails_closed_and_health_follows() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let pg = Postgres::start();
-    let dir = start_directory(
-        &[Account {
-            name: "olga".into(),
-            password: "Right-Pass-1".into(),
-            state: "good".into(),
-            domain: None,
-        }],
-        DirectoryOptions::default(),
-    )
-    .await
-    .expect("directory");
     let tmp = tempfile::tempdir().expect("tmp");
-    let ca = tmp.path().join("dir-ca.pem");
-    std::fs::write(&ca, dir.ca_pem()).expect("ca");
+    let (dir, ca) = integration_tests::one_account_directory("olga", "Right-Pass-1", tmp.path()).await;
     let mut f = FileConfig::default();
     f.policy.allow_loopback = true;
     f.cert.pin_store = "memory".into();

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, process::Command, sync::Arc, time::Duration};
 
 use gateway_sim::{demo::Harness, driver::DirectoryHandle, scenario::Scenario};
 use integration_tests::{
-    plugin::{client, plugin_bin, serve_binary},
+    plugin::{client, metrics_text, plugin_bin, serve_binary},
     postgres::Postgres,
 };
 use rdp_preflight::{
@@ -425,17 +425,6 @@ name = "refused"
 behavior = "refused"
 "#;
 
-async fn metrics_text(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin listener");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.expect("read");
-    body
-}
-
 /// `serve` sweeping the sim fleet every second: FleetStatus shows every target's state, the
 /// flapping target as a fleet finding with its cause sequence, the certificate forecast
 /// soonest first; filters by label and cause; TargetHistory pages newest first; the `fleet`
@@ -599,16 +588,7 @@ async fn the_fleet_view_shows_states_flapping_and_the_certificate_forecast() {
     assert!(text.contains("CERT_EXPIRED") && text.contains("3 check(s)"), "{text}");
 
     // The gauges.
-    let stderr = served.stderr.lock().map(|l| l.clone()).unwrap_or_default();
-    let admin = stderr
-        .lines()
-        .filter(|l| l.contains("admin listener"))
-        .find_map(|l| {
-            l.split("listen=")
-                .nth(1)
-                .map(|r| r.split_whitespace().next().unwrap_or("").to_owned())
-        })
-        .expect("admin address");
+    let admin = served.admin_addr().expect("admin address");
     // Refreshed every interval (here a second): wait for the flapping target to reach them.
     let mut text = String::new();
     for _ in 0..20 {

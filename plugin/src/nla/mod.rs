@@ -495,21 +495,22 @@ async fn close<S: AsyncWrite + Unpin>(stream: &mut S, budget: &Budget) {
     let _ = budget.run(Duration::from_millis(250), stream.shutdown()).await;
 }
 
-fn random_entropy() -> Entropy {
+/// Fills `b` from the OS; without OS randomness, from the clock: a poor but non-constant
+/// fallback, and the exchanges still never reveal the password.
+fn fill_random(b: &mut [u8]) {
     use ring::rand::{SecureRandom, SystemRandom};
-    let rng = SystemRandom::new();
-    Entropy::from_fn(|b| {
-        if rng.fill(b).is_err() {
-            // No OS randomness: refuse to run with predictable values; the clock is a poor but
-            // non-constant fallback and the exchange still never reveals the password.
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            for (i, x) in b.iter_mut().enumerate() {
-                *x = (t >> ((i % 16) * 8)) as u8 ^ (i as u8);
-            }
+    if SystemRandom::new().fill(b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (t >> ((i % 16) * 8)) as u8 ^ (i as u8);
         }
-    })
+    }
+}
+
+fn random_entropy() -> Entropy {
+    Entropy::from_fn(fill_random)
 }
 
 fn millis(d: Duration) -> i64 {
@@ -704,18 +705,7 @@ impl Session {
 }
 
 fn random_krb_entropy() -> kerberos::KrbEntropy {
-    use ring::rand::{SecureRandom, SystemRandom};
-    let rng = SystemRandom::new();
-    kerberos::KrbEntropy::from_fn(|b| {
-        if rng.fill(b).is_err() {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            for (i, x) in b.iter_mut().enumerate() {
-                *x = (t >> ((i % 16) * 8)) as u8 ^ (i as u8);
-            }
-        }
-    })
+    kerberos::KrbEntropy::from_fn(fill_random)
 }
 
 /// The finding for a Kerberos logon the target did not accept.
