@@ -209,6 +209,24 @@ impl Samba {
         self.tool(&[kind, "edit", name, &format!("--editor={}", script.display())]);
     }
 
+    /// Applies to `user` a password settings object `name` that locks after `threshold` bad
+    /// passwords (for 10 minutes).
+    pub fn lockout_pso(&self, name: &str, threshold: u32, user: &str) {
+        let threshold = format!("--account-lockout-threshold={threshold}");
+        self.tool(&[
+            "domain",
+            "passwordsettings",
+            "pso",
+            "create",
+            name,
+            "1",
+            &threshold,
+            "--account-lockout-duration=10",
+            "--reset-account-lockout-after=10",
+        ]);
+        self.tool(&["domain", "passwordsettings", "pso", "apply", name, user]);
+    }
+
     /// The user's badPwdCount and whether it is locked out (lockoutTime set).
     pub fn bad_pwd(&self, name: &str) -> (u32, bool) {
         let out = self.tool(&["user", "show", name, "--attributes=badPwdCount,lockoutTime"]);

@@ -109,18 +109,7 @@ async fn as_exchange_against_samba() {
     s.user("disabled", "Disabled-Pass-1!");
     s.tool(&["user", "disable", "disabled"]);
     s.user("pat", "Pat-Pass-1!");
-    s.tool(&[
-        "domain",
-        "passwordsettings",
-        "pso",
-        "create",
-        "lowlock",
-        "1",
-        "--account-lockout-threshold=3",
-        "--account-lockout-duration=10",
-        "--reset-account-lockout-after=10",
-    ]);
-    s.tool(&["domain", "passwordsettings", "pso", "apply", "lowlock", "pat"]);
+    s.lockout_pso("lowlock", 3, "pat");
     s.user("lou", "Lou-Pass-1!");
     s.tool(&["domain", "passwordsettings", "pso", "apply", "lowlock", "lou"]);
     s.tool(&[
@@ -439,18 +428,7 @@ async fn kerberos_reads_the_lockout_state_first() {
     use rdp_preflight::credential::{CredentialChecker, DirectoryFile};
     let s = tokio::task::block_in_place(Samba::start);
     s.user("pat", "Pat-Pass-1!");
-    s.tool(&[
-        "domain",
-        "passwordsettings",
-        "pso",
-        "create",
-        "lowlock",
-        "1",
-        "--account-lockout-threshold=3",
-        "--account-lockout-duration=10",
-        "--reset-account-lockout-after=10",
-    ]);
-    s.tool(&["domain", "passwordsettings", "pso", "apply", "lowlock", "pat"]);
+    s.lockout_pso("lowlock", 3, "pat");
     // Two failures from elsewhere (a checker of its own, no directory).
     for i in 0..2 {
         let o = checker(vec![s.kdc()])
